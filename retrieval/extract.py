@@ -1,0 +1,183 @@
+"""Multi-scale, batched, resumable extraction of global descriptors into a features HDF5.
+
+Multi-scale descriptors follow cirtorch: the image is resized by each scale, descriptors
+are combined as ``(mean_s f_s^p)^(1/p)`` with p the GeM power (p = 1 for other poolings or
+when the net whitens), then L2-normalised.
+
+Images that cannot be read are skipped, kept in the features file (``skipped_index``) and
+listed in ``skipped.csv`` beside it; the run goes on. See `retrieval.features` for how a
+killed run resumes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from retrieval.data.dataset import ImageList
+from retrieval.data.images import ImageListDataset, collate_items
+from retrieval.features import FeatureWriter, check_schema
+from retrieval.models.net import RetrievalNet
+from retrieval.models.pooling import l2n
+
+logger = logging.getLogger(__name__)
+
+MULTI_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)
+SKIPPED_CSV = "skipped.csv"
+LOG_FILE = "extract.log"
+
+
+def multiscale_power(net: RetrievalNet, scales: Sequence[float]) -> float:
+    """The power used to average descriptors over scales (GeM's p without whitening, else 1)."""
+    p = net.gem_p
+    return p if (len(scales) > 1 and p is not None and net.whiten is None) else 1.0
+
+
+@torch.inference_mode()
+def describe(net: RetrievalNet, x: torch.Tensor, scales: Sequence[float] = (1.0,)) -> torch.Tensor:
+    """Descriptors ``(B, D)`` of a batch of equally-sized images ``(B, 3, H, W)``."""
+    if len(scales) == 1 and scales[0] == 1.0:
+        return net(x)
+    power = multiscale_power(net, scales)
+    acc = torch.zeros(x.shape[0], net.meta["dim"], device=x.device)
+    for s in scales:
+        xs = x if s == 1.0 else F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+        acc += net(xs).float().pow(power)
+    return l2n((acc / len(scales)).pow(1.0 / power))
+
+
+def job_signature(images: ImageList, settings: dict) -> str:
+    """Hash of the input list and the settings: a partial file is resumed only by the same job."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for i, image_id in enumerate(images.ids):
+        h.update(f"{image_id}\t{images.bbx(i)}\n".encode())
+    return h.hexdigest()
+
+
+def _complete_with_signature(path: Path, signature: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            check_schema(f, path)
+            return bool(f.attrs.get("complete", False)) and f.attrs.get("signature") == signature
+    except (OSError, ValueError):
+        return False
+
+
+def write_skipped_csv(out_path: Path, images: ImageList, skipped: Sequence[tuple[int, str]]) -> Path:
+    """Rewrite this output's rows of ``skipped.csv`` (one file per folder, a ``features_file`` column)."""
+    csv_path = out_path.parent / SKIPPED_CSV
+    fields = ["features_file", "index", "id", "path", "reason"]
+    with FileLock(str(csv_path) + ".lock"):
+        rows = []
+        if csv_path.is_file():
+            with csv_path.open(newline="", encoding="utf-8") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("features_file") != out_path.name]
+        rows += [{"features_file": out_path.name, "index": i, "id": images.ids[i], "path": str(images.paths[i]),
+                  "reason": reason} for i, reason in skipped]
+        tmp = csv_path.with_name(csv_path.name + ".tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, csv_path)
+    return csv_path
+
+
+@contextmanager
+def _log_to(path: Path):
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("retrieval")
+    root.addHandler(handler)
+    old_level = root.level
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+
+def extract_features(net: RetrievalNet, images: ImageList, out_path: str | os.PathLike, *,
+                     image_size: int = 512, scales: Sequence[float] = (1.0,), resize: str = "long",
+                     batch_size: int = 32, num_workers: int = 0, device: str | torch.device = "cpu",
+                     dtype: str = "float32", progress: bool = True) -> Path:
+    """Describe every image of ``images`` and write the features HDF5 at ``out_path``.
+
+    Returns ``out_path``. If it already holds this exact job, nothing is recomputed; a
+    ``.tmp`` left by a killed run of the same job is resumed.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    scales = tuple(float(s) for s in scales)
+    settings = {"meta": net.meta, "image_size": image_size, "scales": scales, "resize": resize, "dtype": dtype}
+    signature = job_signature(images, settings)
+    if _complete_with_signature(out_path, signature):
+        logger.info("%s: already complete, nothing to do", out_path)
+        return out_path
+    device = torch.device(device)
+    net = net.to(device).eval()
+    with _log_to(out_path.parent / LOG_FILE):
+        writer = FeatureWriter(out_path, len(images), net.meta["dim"], signature, dtype=dtype, attrs={
+            "checkpoint": net.meta.get("checkpoint") or "", "pretrained": net.meta.get("pretrained") or "",
+            "architecture": net.meta["architecture"], "pooling": net.meta["pooling"],
+            "scales": list(scales), "image_size": image_size, "resize": resize, "meta": net.meta,
+        })
+        try:
+            start = writer.cursor
+            logger.info("extracting %d images into %s (scales %s, size %d, batch %d, device %s), starting at %d",
+                        len(images), out_path, scales, image_size, batch_size, device, start)
+            dataset = ImageListDataset(images, image_size, net.meta["mean"], net.meta["std"], resize, start=start)
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                                collate_fn=collate_items, pin_memory=device.type == "cuda")
+            bar = tqdm(total=len(images), initial=start, desc=out_path.name, unit="img", disable=not progress,
+                       dynamic_ncols=True)
+            for batch in loader:
+                ok = [(i, x) for i, x, _ in batch if x is not None]
+                skipped = [(i, err) for i, x, err in batch if x is None]
+                for i, err in skipped:
+                    logger.warning("skipped %s (%s): %s", images.ids[i], images.paths[i], err)
+                feats = _describe_grouped(net, ok, scales, device)
+                writer.append(batch[-1][0] + 1, [images.ids[i] for i, _ in ok], feats, skipped)
+                bar.update(len(batch))
+            bar.close()
+            skipped = writer.skipped()
+            done = writer.finish()
+        finally:
+            writer.close()
+        write_skipped_csv(out_path, images, skipped)
+        logger.info("%s: %d features written, %d images skipped%s", out_path, len(images) - len(skipped),
+                    len(skipped), f" (listed in {out_path.parent / SKIPPED_CSV})" if skipped else "")
+    return done
+
+
+def _describe_grouped(net: RetrievalNet, items: list[tuple[int, torch.Tensor]], scales: tuple[float, ...],
+                      device: torch.device) -> np.ndarray:
+    """Describe a batch of differently-sized images: one forward per distinct shape, rows in input order."""
+    out = np.zeros((len(items), net.meta["dim"]), dtype=np.float32)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row, (_, x) in enumerate(items):
+        groups.setdefault(tuple(x.shape), []).append(row)
+    for rows in groups.values():
+        x = torch.stack([items[r][1] for r in rows]).to(device, non_blocking=True)
+        out[rows] = describe(net, x, scales).float().cpu().numpy()
+    return out
