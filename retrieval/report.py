@@ -1,0 +1,224 @@
+"""Results: ``results.json``, a row in ``results.csv``, a printed table, an HTML page of ranked thumbnails.
+
+``python -m retrieval.report table results.csv [--dataset NAME]`` prints the latest row of each
+setting in a results CSV.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from filelock import FileLock
+from PIL import Image, ImageDraw, ImageOps
+
+from retrieval.data.dataset import RetrievalDataset
+from retrieval.data.images import ImageLoadError, load_image
+
+PROTOCOLS = ("easy", "medium", "hard")
+# Columns that identify a setting; later rows of the same setting replace earlier ones in a table.
+KEY_COLUMNS = ("experiment", "setting", "dataset", "features", "rerank")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return [None if (isinstance(x, float) and np.isnan(x)) else x for x in v.tolist()]
+    if isinstance(v, (np.integer, np.floating)):
+        return v.item()
+    if isinstance(v, Path):
+        return str(v)
+    raise TypeError(f"not JSON serialisable: {type(v)}")
+
+
+def summary_row(results: dict) -> dict[str, Any]:
+    """The flat CSV row of one evaluation (metrics as percentages, like the papers print them)."""
+    row = {k: results.get(k, "") for k in ("time", *KEY_COLUMNS, "n_queries", "n_db")}
+    for proto in PROTOCOLS:
+        m = results.get("metrics", {}).get(proto, {})
+        row[f"map_{proto[0]}"] = _pct(m.get("map"))
+        row[f"mp10_{proto[0]}"] = _pct(m.get("mp@10"))
+    row["params"] = json.dumps(results.get("params", {}), sort_keys=True, default=str)
+    return row
+
+
+def _pct(v: Any) -> str:
+    return "" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * float(v):.2f}"
+
+
+def append_results_csv(path: str | os.PathLike, row: dict[str, Any]) -> Path:
+    """Append ``row`` under a file lock (parallel jobs share one CSV); the header is written once."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        new = not path.is_file() or path.stat().st_size == 0
+        if not new:
+            with path.open(newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+            if header != list(row):
+                raise ValueError(f"{path}: existing header {header} differs from {list(row)}")
+        with path.open("a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+    return path
+
+
+def read_results_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def latest_rows(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """The last row of each setting, in the order settings first appeared."""
+    latest: dict[tuple, dict[str, str]] = {}
+    for row in rows:
+        key = tuple(row.get(k, "") for k in KEY_COLUMNS)
+        latest.pop(key, None)
+        latest[key] = row
+    return list(latest.values())
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table: method, mAP E/M/H, mP@10 E/M/H (percent)."""
+    head = ["dataset", "method", "mAP E", "mAP M", "mAP H", "mP@10 E", "mP@10 M", "mP@10 H"]
+    body = [[str(r.get("dataset", "")), method_label(r), *(str(r.get(f"map_{p[0]}", "")) for p in PROTOCOLS),
+             *(str(r.get(f"mp10_{p[0]}", "")) for p in PROTOCOLS)] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = (c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(padded)
+
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def method_label(row: dict[str, Any]) -> str:
+    """``GeM MS + αDBA + αQE`` style label of a results row."""
+    params = row.get("params") or {}
+    if isinstance(params, str):
+        params = json.loads(params) if params else {}
+    pooling = {"gem": "GeM", "mac": "MAC", "spoc": "SPoC", "rmac": "R-MAC"}.get(params.get("pooling"), "")
+    features = {"ss": "single-scale", "ms": "multi-scale"}.get(row.get("features", ""), row.get("features", ""))
+    rerank = {"none": "", "qe": " + AQE", "aqe": " + αQE", "adba": " + αDBA", "adba+aqe": " + αDBA + αQE"}
+    setting = row.get("setting", "")
+    prefix = f"{setting}: " if setting and setting != "pretrained" else ""
+    return f"{prefix}{pooling} {features}{rerank.get(row.get('rerank', ''), ' + ' + str(row.get('rerank')))}".strip()
+
+
+# ---------------------------------------------------------------- HTML page of ranked thumbnails
+
+COLOURS = {"positive": "#2e9e44", "negative": "#d62828", "junk": "#9a9a9a", "query": "#1f5fbf"}
+
+
+def _thumb(path: Path, size: int, bbx: Sequence[float] | None = None) -> str:
+    """A data-URI JPEG thumbnail (the box, if any, drawn in the query colour)."""
+    try:
+        img = load_image(path)
+    except ImageLoadError as err:
+        img = Image.new("RGB", (size, size), "white")
+        ImageDraw.Draw(img).text((4, size // 2), f"unreadable: {err}"[:40], fill="black")
+    if bbx is not None:
+        draw = ImageDraw.Draw(img)
+        draw.rectangle([float(v) for v in bbx], outline=COLOURS["query"], width=max(2, img.width // 100))
+    img = ImageOps.contain(img, (size, size))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_ranked_html(path: str | os.PathLike, dataset: RetrievalDataset, ranks: np.ndarray,
+                      scores: np.ndarray | None = None, n_queries: int = 10, top: int = 10,
+                      title: str = "", thumb_size: int = 160) -> Path:
+    """One row per query: the query (its box drawn), then its top results framed by relevance.
+
+    Frames: green = positive (easy or hard), grey = junk, red = negative. ``ranks`` index
+    ``dataset.db`` (-1 = no result). Thumbnails are embedded, so the page is one portable file.
+    """
+    path = Path(path)
+    rows = []
+    for qi in range(min(n_queries, len(dataset.queries))):
+        g = dataset.gnd[qi] if dataset.gnd else {}
+        pos = set(g.get("easy", [])) | set(g.get("hard", []))
+        junk = set(g.get("junk", []))
+        q_src = _thumb(dataset.queries.paths[qi], thumb_size, dataset.queries.bbx(qi))
+        cells = [f'<td class="q"><img src="{q_src}" style="border-color:{COLOURS["query"]}">'
+                 f'<div>{html.escape(dataset.queries.ids[qi])}</div></td>']
+        for r, j in enumerate(ranks[qi][:top]):
+            if j < 0:
+                continue
+            kind = "positive" if j in pos else "junk" if j in junk else "negative" if dataset.gnd else "unknown"
+            colour = COLOURS.get(kind, "#cccccc")
+            score = f" {scores[qi][r]:.3f}" if scores is not None else ""
+            cells.append(f'<td><img src="{_thumb(dataset.db.paths[j], thumb_size)}" style="border-color:{colour}" '
+                         f'title="{html.escape(dataset.db.ids[j])} ({kind})"><div>#{r + 1}{score}</div></td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    legend = " ".join(f'<span style="color:{c}">■ {k}</span>' for k, c in COLOURS.items())
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title or dataset.name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+td {{ text-align: center; vertical-align: top; font-size: 11px; padding: 3px; }}
+td img {{ border: 5px solid; max-width: {thumb_size}px; max-height: {thumb_size}px; }}
+td.q {{ border-right: 2px solid #444; padding-right: 8px; }}
+</style></head><body>
+<h2>{html.escape(title or dataset.name)}</h2><p>{legend}</p>
+<table>{"".join(rows)}</table>
+</body></html>
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m retrieval.report", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    table = sub.add_parser("table", help="print the latest row of each setting of a results.csv")
+    table.add_argument("csv", type=Path)
+    table.add_argument("--dataset", default=None, help="only rows of this dataset")
+    table.add_argument("--select", default=None, metavar="FEATURES:RERANK,...",
+                       help="only these rows, in this order, e.g. ss:none,ms:none,ms:aqe")
+    args = parser.parse_args(argv)
+    if not args.csv.is_file():
+        print(f"error: {args.csv}: results file not found", file=sys.stderr)
+        return 2
+    rows = latest_rows(read_results_csv(args.csv))
+    if args.dataset:
+        rows = [r for r in rows if r.get("dataset") == args.dataset]
+    if args.select:
+        wanted = [tuple(s.strip().split(":", 1)) for s in args.select.split(",") if s.strip()]
+        by_key = {(r.get("features"), r.get("rerank")): r for r in rows}
+        missing = [":".join(w) for w in wanted if w not in by_key]
+        if missing:
+            print(f"error: {args.csv}: no rows for {', '.join(missing)}", file=sys.stderr)
+            return 2
+        rows = [by_key[w] for w in wanted]
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import write_jpeg
+from retrieval.data import ImageList, RetrievalDataset
+from retrieval.report import (
+    append_results_csv,
+    format_table,
+    latest_rows,
+    main,
+    read_results_csv,
+    summary_row,
+    write_json,
+    write_ranked_html,
+)
+
+
+def result(rerank="none", features="ss", hard=0.25):
+    return {"time": "t", "experiment": "v1", "setting": "pretrained", "dataset": "toy", "features": features,
+            "rerank": rerank, "n_queries": 2, "n_db": 4, "params": {"pooling": "gem"},
+            "metrics": {"easy": {"map": 0.5, "mp@10": 0.4}, "medium": {"map": 0.75, "mp@10": 0.3},
+                        "hard": {"map": hard, "mp@10": float("nan")}}}
+
+
+def test_summary_row_and_table():
+    row = summary_row(result("adba+aqe", "ms"))
+    assert row["map_e"] == "50.00" and row["map_m"] == "75.00" and row["map_h"] == "25.00" and row["mp10_h"] == ""
+    table = format_table([summary_row(result()), row])
+    lines = table.splitlines()
+    assert "mAP E" in lines[0] and len(lines) == 4
+    assert "GeM single-scale" in lines[2] and "GeM multi-scale + αDBA + αQE" in lines[3]
+
+
+def test_results_csv_appends_and_latest_rows_wins(tmp_path):
+    path = tmp_path / "results.csv"
+    append_results_csv(path, summary_row(result(hard=0.1)))
+    append_results_csv(path, summary_row(result("aqe")))
+    append_results_csv(path, summary_row(result(hard=0.3)))
+    rows = read_results_csv(path)
+    assert len(rows) == 3
+    latest = latest_rows(rows)
+    assert [(r["rerank"], r["map_h"]) for r in latest] == [("aqe", "25.00"), ("none", "30.00")]
+    with pytest.raises(ValueError, match="existing header"):
+        append_results_csv(path, {"other": 1})
+
+
+def test_report_table_cli(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    for rerank in ("none", "aqe"):
+        append_results_csv(path, summary_row(result(rerank)))
+    assert main(["table", str(path), "--select", "ss:aqe,ss:none"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "αQE" in out[2] and "αQE" not in out[3]
+    assert main(["table", str(path), "--select", "ms:none"]) == 2
+    assert main(["table", str(tmp_path / "none.csv")]) == 2
+
+
+def test_write_json_handles_numpy_and_nan(tmp_path):
+    path = write_json(tmp_path / "r.json", {"aps": np.array([0.5, np.nan]), "n": np.int64(3)})
+    assert json.loads(path.read_text()) == {"aps": [0.5, None], "n": 3}
+
+
+def test_ranked_html_frames_by_relevance(tmp_path):
+    paths = [write_jpeg(tmp_path / f"{i}.jpg", seed=i) for i in range(5)]
+    ds = RetrievalDataset("toy", queries=ImageList(["q"], [paths[0]], [(2, 2, 30, 30)]),
+                          db=ImageList(["a", "b", "c", "d"], paths[1:]),
+                          gnd=[{"easy": [0], "hard": [2], "junk": [1]}])
+    page = write_ranked_html(tmp_path / "ranked.html", ds, np.array([[2, 1, 3, 0]]),
+                             np.array([[0.9, 0.8, 0.7, 0.6]]))
+    text = page.read_text()
+    assert text.count("data:image/jpeg;base64,") == 5  # the query and 4 results, embedded
+    frames = re.findall(r'border-color:(#[0-9a-f]{6})" title="(\w) \((\w+)\)', text)
+    assert [(i, kind) for _, i, kind in frames] == [("c", "positive"), ("b", "junk"), ("d", "negative"),
+                                                    ("a", "positive")]
+    assert "#1 0.900" in text
