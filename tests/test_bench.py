@@ -1,0 +1,15 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_search.py"
+
+
+def test_bench_search_prints_json_with_agreeing_neighbours():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--n-db", "2000", "--n-queries", "50", "--dim", "32",
+                          "--k", "10", "--repeat", "1"], capture_output=True, text=True, check=True).stdout
+    report = json.loads(out)
+    assert report["n_db"] == 2000 and report["k"] == 10
+    assert report["same_neighbour_sets"] == 1.0 and report["max_abs_score_diff"] < 1e-4
+    assert report["speedup_faiss_vs_numpy"] > 0
