@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA = "retrieval.features"
 SCHEMA_VERSION = 1
-_STR = h5py.string_dtype("utf-8")
+STR_DTYPE = h5py.string_dtype("utf-8")
 
 
 class SchemaError(ValueError):
@@ -91,7 +91,7 @@ def write_features(path: str | os.PathLike, ids: Sequence[str], feats: np.ndarra
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("ids", data=np.asarray(list(ids), dtype=object), dtype=_STR)
+        f.create_dataset("ids", data=np.asarray(list(ids), dtype=object), dtype=STR_DTYPE)
         f.create_dataset("feats", data=feats)
         for k, v in {"dim": feats.shape[1], **attrs}.items():
             f.attrs[k] = _attr(v)
@@ -151,11 +151,11 @@ class FeatureWriter:
             self.tmp.unlink()
         f = h5py.File(self.tmp, "w")
         chunk = max(1, min(1024, 2**20 // max(1, self.dim * dtype.itemsize)))
-        f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(4096,))
+        f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=STR_DTYPE, chunks=(4096,))
         f.create_dataset("feats", shape=(0, self.dim), maxshape=(None, self.dim), dtype=dtype,
                          chunks=(chunk, self.dim))
         f.create_dataset("skipped_index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
-        f.create_dataset("skipped_reason", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
+        f.create_dataset("skipped_reason", shape=(0,), maxshape=(None,), dtype=STR_DTYPE, chunks=(1024,))
         for k, v in attrs.items():
             f.attrs[k] = _attr(v)
         f.attrs.update({"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "complete": False, "cursor": 0,

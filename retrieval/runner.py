@@ -19,6 +19,7 @@ checkpoint's folder/stem for ``-m``.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -170,8 +171,6 @@ def evaluate(ctx: Context, checkpoint: Path | None, ms: bool, rerankers: Sequenc
 
 
 def _parse_overrides(values: Sequence[str]) -> dict[str, Any]:
-    import json
-
     out = {}
     for item in values:
         key, sep, raw = item.partition("=")

@@ -20,7 +20,7 @@ import faiss
 import h5py
 import numpy as np
 
-from retrieval.features import _STR, check_schema, tmp_path
+from retrieval.features import STR_DTYPE, check_schema, tmp_path
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,8 @@ def write_ranks(path: str | os.PathLike, query_ids: Sequence[str], db_ids: Seque
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
     with h5py.File(tmp, "w") as f:
-        f.create_dataset("query_ids", data=np.asarray(list(query_ids), dtype=object), dtype=_STR)
-        f.create_dataset("db_ids", data=np.asarray(list(db_ids), dtype=object), dtype=_STR)
+        f.create_dataset("query_ids", data=np.asarray(list(query_ids), dtype=object), dtype=STR_DTYPE)
+        f.create_dataset("db_ids", data=np.asarray(list(db_ids), dtype=object), dtype=STR_DTYPE)
         f.create_dataset("ranks", data=ranks)
         f.create_dataset("scores", data=scores)
         f.attrs.update({"schema": RANKS_SCHEMA, "schema_version": RANKS_SCHEMA_VERSION, **attrs})

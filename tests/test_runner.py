@@ -111,3 +111,27 @@ def test_experiment_file_runs_the_pipeline_on_the_synthetic_benchmark(tmp_path):
                             "--dataset", "synthetic-tiny-s0", "--select", "ss:none,ms:none,ms:aqe,ms:adba+aqe"],
                            capture_output=True, text=True, check=True).stdout
     assert len(table.splitlines()) == 6
+
+
+def test_unreadable_query_and_db_images_are_skipped_and_evaluation_goes_on(tmp_path):
+    from conftest import write_jpeg
+
+    rows = ["path,landmark_id,query"]
+    for i in range(6):
+        write_jpeg(tmp_path / f"{i}.jpg", seed=i)
+        rows.append(f"{i}.jpg,{i % 2},{int(i < 2)}")
+    (tmp_path / "0.jpg").write_bytes(b"")  # a query that cannot be read
+    (tmp_path / "5.jpg").write_text("not a jpeg")  # a database image that cannot be read
+    (tmp_path / "gt.csv").write_text("\n".join(rows) + "\n")
+    common = ["--out-root", str(tmp_path / "out"), "--dataset", f"folder:{tmp_path / 'gt.csv'}",
+              "--set", "pretrained=null", "--set", "image_size=64", "--set", "num_workers=0"]
+    invoke([*common, "predict"])
+    skipped = (tmp_path / "out" / "pretrained" / "features" / tmp_path.name / "skipped.csv").read_text()
+    assert "query_ss.h5,0,0," in skipped and "db_ss.h5,3,5," in skipped
+    invoke([*common, "evaluate", "--rerank", "none,adba+aqe"])
+    res = json.loads((tmp_path / "out" / "pretrained" / "eval" / f"{tmp_path.name}_ss_none" / "results.json")
+                     .read_text())
+    assert res["n_queries_missing"] == 1 and res["n_db_missing"] == 1
+    assert res["per_query_ap"]["medium"][0] == 0.0  # the unreadable query retrieves nothing
+    _, _, ranks, _ = read_ranks(tmp_path / "out" / "pretrained" / "eval" / f"{tmp_path.name}_ss_none" / "ranks.h5")
+    assert (ranks[0] == -1).all() and sorted(ranks[1]) == [0, 1, 2]  # db index 3 (5.jpg) has no features
