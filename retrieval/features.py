@@ -42,6 +42,11 @@ def tmp_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
+def read_strings(dataset: h5py.Dataset) -> list[str]:
+    """A UTF-8 string dataset as a list of ``str``."""
+    return dataset.asstr()[()].tolist()
+
+
 def _attr(value: Any) -> Any:
     """HDF5 attributes take numbers, strings and arrays; everything else goes in as JSON."""
     if value is None:
@@ -113,7 +118,7 @@ def read_features(path: str | os.PathLike, dtype: np.dtype | None = np.float32) 
         check_schema(f, path)
         if not f.attrs.get("complete", False):
             raise SchemaError(f"{path}: incomplete features file (complete=False)")
-        ids = [s.decode() if isinstance(s, bytes) else s for s in f["ids"][()]]
+        ids = read_strings(f["ids"])
         feats = f["feats"][()]
         attrs = _decode_attrs(f.attrs)
     if dtype is not None:
@@ -198,8 +203,7 @@ class FeatureWriter:
 
     def skipped(self) -> list[tuple[int, str]]:
         f = self.file
-        return [(int(i), r.decode() if isinstance(r, bytes) else r)
-                for i, r in zip(f["skipped_index"][()], f["skipped_reason"][()], strict=True)]
+        return list(zip(f["skipped_index"][()].tolist(), read_strings(f["skipped_reason"]), strict=True))
 
     def finish(self, **attrs: Any) -> Path:
         """Mark complete, close, and rename to the final path."""

@@ -29,13 +29,18 @@ PROTOCOLS = ("easy", "medium", "hard")
 KEY_COLUMNS = ("experiment", "setting", "dataset", "features", "rerank")
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
+def _write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write to ``<name>.tmp``, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return _write_text_atomic(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
 
 def _jsonable(v: Any) -> Any:
@@ -153,7 +158,6 @@ def write_ranked_html(path: str | os.PathLike, dataset: RetrievalDataset, ranks:
     Frames: green = positive (easy or hard), grey = junk, red = negative. ``ranks`` index
     ``dataset.db`` (-1 = no result). Thumbnails are embedded, so the page is one portable file.
     """
-    path = Path(path)
     rows = []
     for qi in range(min(n_queries, len(dataset.queries))):
         g = dataset.gnd[qi] if dataset.gnd else {}
@@ -184,11 +188,7 @@ td.q {{ border-right: 2px solid #444; padding-right: 8px; }}
 <table>{"".join(rows)}</table>
 </body></html>
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return _write_text_atomic(path, page)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,12 +48,10 @@ def parse_devices(spec: str | None) -> list[torch.device]:
     """``-d 0,1`` → CUDA devices 0 and 1; without CUDA, that many CPU slots (all ``cpu``)."""
     if spec is None or spec.strip() in ("", "cpu"):
         return [torch.device("cpu")]
-    try:
-        ids = [int(s) for s in spec.split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected device ids like 0,1,2 or 'cpu', got {spec!r}", param_hint="-d") from None
-    if not ids or any(i < 0 for i in ids):
+    parts = [s.strip() for s in spec.split(",") if s.strip()]
+    if not parts or not all(s.isdigit() for s in parts):
         raise click.BadParameter(f"expected device ids like 0,1,2 or 'cpu', got {spec!r}", param_hint="-d")
+    ids = [int(s) for s in parts]
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         bad = [i for i in ids if i >= n]

@@ -20,7 +20,7 @@ import faiss
 import h5py
 import numpy as np
 
-from retrieval.features import STR_DTYPE, check_schema, tmp_path
+from retrieval.features import STR_DTYPE, check_schema, read_strings, tmp_path
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +108,4 @@ def read_ranks(path: str | os.PathLike) -> tuple[list[str], list[str], np.ndarra
         raise FileNotFoundError(f"ranks file not found: {path}")
     with h5py.File(path, "r") as f:
         check_schema(f, path, RANKS_SCHEMA, RANKS_SCHEMA_VERSION)
-
-        def strings(name: str) -> list[str]:
-            return [s.decode() if isinstance(s, bytes) else s for s in f[name][()]]
-
-        return strings("query_ids"), strings("db_ids"), f["ranks"][()], f["scores"][()]
+        return read_strings(f["query_ids"]), read_strings(f["db_ids"]), f["ranks"][()], f["scores"][()]
