@@ -110,3 +110,24 @@ class ImageListDataset(Dataset):
 def collate_items(batch: list) -> list:
     """Keep items as a list: images differ in shape; the extractor groups equal shapes."""
     return batch
+
+
+def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` from the image header (nothing decoded); ``(0, 0)`` when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return 0, 0
+
+
+def read_image_sizes(paths: Sequence[str | os.PathLike], workers: int = 8, progress: bool = False) -> np.ndarray:
+    """``(N, 2)`` int64 ``(width, height)`` of every image, headers read in a thread pool (I/O bound)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        sizes = list(tqdm(pool.map(read_image_size, paths, chunksize=256), total=len(paths), disable=not progress,
+                          desc="image sizes", unit="img"))
+    return np.asarray(sizes, dtype=np.int64).reshape(len(paths), 2)

@@ -1201,10 +1201,20 @@ class _SceneJob:
     views: list[_ViewJob] = field(default_factory=list)
 
 
+def _seed_stream(rng: Rng, cfg: SyntheticConfig) -> list[int]:
+    """The per-item seeds of a benchmark; the first ``n_families`` are its style families."""
+    return rng.integers(0, 2**63 - 1, size=10 * cfg.n_images + 4 * cfg.n_families + 16).tolist()
+
+
+def family_seeds(cfg: SyntheticConfig, seed: int) -> list[int]:
+    """The style-family seeds of the benchmark drawn from ``seed`` (its train split reuses them)."""
+    return _seed_stream(np.random.default_rng(seed), cfg)[: cfg.n_families]
+
+
 def _plan(cfg: SyntheticConfig, seed: int) -> tuple[list[_SceneJob], list[str], list[str]]:
     """All scenes and views with their seeds and names; returns (jobs, imlist, qimlist)."""
     rng = np.random.default_rng(seed)
-    seeds = iter(rng.integers(0, 2**63 - 1, size=10 * cfg.n_images + 4 * cfg.n_families + 16).tolist())
+    seeds = iter(_seed_stream(rng, cfg))
     fam_seeds = [next(seeds) for _ in range(cfg.n_families)]
     sizes = [tuple(int(v) for v in s) for s in cfg.image_sizes]
     mix = np.asarray(cfg.label_mix, np.float64)
@@ -1315,19 +1325,21 @@ def _n_workers(workers: int | None, n_images: int) -> int:
 
 
 def _render_all(jobs: list[_SceneJob], cfg: SyntheticConfig, jpg_dir: Path,
-                workers: int) -> list[dict[str, Any]]:
+                workers: int, render: Any = None) -> list[dict[str, Any]]:
+    """Run ``render(job, cfg, jpg_dir)`` (default `_render_job`) for every job, in worker processes."""
+    render = render or _render_job
     order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i].views))  # big jobs first balance better
     if workers <= 1:
-        results = [_render_job(jobs[i], cfg, str(jpg_dir)) for i in order]
+        results = [render(jobs[i], cfg, str(jpg_dir)) for i in order]
     else:
         # fork: workers need no re-import of the caller's main module; output does not depend on it
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
         try:
             with ProcessPoolExecutor(workers, mp_context=ctx) as ex:
-                futures = [ex.submit(_render_job, jobs[i], cfg, str(jpg_dir)) for i in order]
+                futures = [ex.submit(render, jobs[i], cfg, str(jpg_dir)) for i in order]
                 results = [f.result() for f in futures]
         except (OSError, ImportError, NotImplementedError, BrokenProcessPool):  # no usable process pool
-            results = [_render_job(jobs[i], cfg, str(jpg_dir)) for i in order]
+            results = [render(jobs[i], cfg, str(jpg_dir)) for i in order]
     return [r for rs in results for r in rs]
 
 

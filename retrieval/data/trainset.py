@@ -1,0 +1,158 @@
+"""Labelled training sets: GLDv2 train / train_clean / cleaned subsets, image-folder CSVs, the built-in split.
+
+Every source loads into one `TrainSet`: image ids and paths, a class index per image
+(``0 .. n_classes-1``) and the original landmark id of each class, so a checkpoint's head rows
+can be traced back to landmarks. ``load_train_set(spec, ...)`` picks the source by name:
+
+- ``synthetic``: the built-in benchmark's train split (`retrieval.data.synthetic_train`), whose
+  landmarks are disjoint from the benchmark's;
+- ``gldv2`` / ``gldv2-clean``: ``<data_root>/gldv2/metadata/train_clean.csv`` (1.58M images,
+  81,313 landmarks); ``gldv2-full``: ``train.csv`` (4.1M images, 203k landmarks);
+- a CSV path (optionally ``folder:<csv>`` / ``clean:<csv>``): a ``landmark_id,images`` file (the
+  ``train_clean.csv`` schema, e.g. ``cleaned_subsets/<name>.csv``; images in the GLDv2 train
+  layout under ``gldv2_root``) or a labelled image-folder CSV (``path``/``image`` +
+  ``landmark_id``, see `retrieval.data.folder`).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.data.folder import read_image_csv
+from retrieval.data.gldv2 import gldv2_image_path, read_train, read_train_clean
+
+
+@dataclass(frozen=True)
+class TrainSet:
+    """Images with class labels; ``classes[c]`` is the landmark id of class index ``c``."""
+
+    name: str
+    ids: list[str]
+    paths: list[Path]
+    labels: np.ndarray  # (N,) int64 class indices
+    classes: list[str]
+    sizes: np.ndarray | None = None  # (N, 2) width, height when the source lists them
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if len(self.paths) != n or len(self.labels) != n:
+            raise ValueError(f"{self.name}: {n} ids, {len(self.paths)} paths, {len(self.labels)} labels")
+        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise ValueError(f"{self.name}: class indices outside 0..{len(self.classes) - 1}")
+        if self.sizes is not None and self.sizes.shape != (n, 2):
+            raise ValueError(f"{self.name}: sizes must be ({n}, 2), got {self.sizes.shape}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def class_counts(self) -> np.ndarray:
+        """Images per class, ``(n_classes,)``."""
+        return np.bincount(self.labels, minlength=self.n_classes)
+
+
+def from_labelled(name: str, ids: list[str], paths: list[Path], landmarks: list, sizes: np.ndarray | None = None,
+                  min_images: int = 1) -> TrainSet:
+    """A `TrainSet` from per-image landmark ids; classes with fewer than ``min_images`` images are dropped."""
+    keys = np.asarray([str(x) for x in landmarks])
+    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    keep = counts[inverse] >= min_images
+    if not keep.any():
+        raise ValueError(f"{name}: no class has {min_images} or more images")
+    rows = np.flatnonzero(keep)
+    kept_classes = np.flatnonzero(counts >= min_images)
+    remap = np.full(len(uniq), -1, dtype=np.int64)
+    remap[kept_classes] = np.arange(len(kept_classes))
+    classes = uniq[kept_classes].tolist()
+    if all(c.lstrip("-").isdigit() for c in classes):  # GLDv2 ids: order classes numerically
+        order = np.argsort(np.asarray(classes, dtype=np.int64), kind="stable")
+        classes = [classes[i] for i in order]
+        remap[kept_classes[order]] = np.arange(len(order))
+    return TrainSet(name, [ids[i] for i in rows], [paths[i] for i in rows], remap[inverse[rows]], classes,
+                    None if sizes is None else sizes[rows])
+
+
+def load_folder_train(csv_path: str | os.PathLike, name: str | None = None, min_images: int = 1) -> TrainSet:
+    """A labelled image-folder CSV; optional ``width``/``height`` columns spare reading image headers."""
+    csv_path = Path(csv_path)
+    rows = read_image_csv(csv_path)
+    missing = [r["id"] for r in rows if r["landmark_id"] is None]
+    if missing:
+        raise ValueError(f"{csv_path}: {len(missing)} rows have no landmark_id (e.g. {missing[0]!r}); "
+                         "a training CSV needs one per image")
+    sizes = _csv_sizes(csv_path, len(rows))
+    return from_labelled(name or csv_path.stem, [r["id"] for r in rows], [r["path"] for r in rows],
+                         [r["landmark_id"] for r in rows], sizes, min_images)
+
+
+def _csv_sizes(csv_path: Path, n: int) -> np.ndarray | None:
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not {"width", "height"} <= set(reader.fieldnames or []):
+            return None
+        try:
+            sizes = np.asarray([(int(r["width"]), int(r["height"])) for r in reader], dtype=np.int64)
+        except (TypeError, ValueError):
+            return None
+    return sizes if len(sizes) == n else None
+
+
+def load_gldv2_train(csv_path: str | os.PathLike, image_root: str | os.PathLike, name: str | None = None,
+                     min_images: int = 1) -> TrainSet:
+    """GLDv2 ``train.csv`` (``id,url,landmark_id``) or a ``landmark_id,images`` list (``train_clean.csv``)."""
+    csv_path = Path(csv_path)
+    with csv_path.open(encoding="utf-8-sig") as f:
+        header = {h.strip() for h in f.readline().split(",")}
+    if {"landmark_id", "images"} <= header:
+        mapping = read_train_clean(csv_path)
+        ids = [i for images in mapping.values() for i in images]
+        landmarks = [lm for lm, images in mapping.items() for _ in images]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{csv_path}: an image id is listed under two landmarks")
+    else:
+        ids, labels = read_train(csv_path)
+        landmarks = labels.tolist()
+    paths = [gldv2_image_path(image_root, "train", i) for i in ids]
+    return from_labelled(name or csv_path.stem, ids, paths, landmarks, None, min_images)
+
+
+def load_train_set(spec: str, data_root: str | os.PathLike = "data", *, synthetic_size: str = "default",
+                   seed: int = 0, gldv2_root: str | os.PathLike | None = None, min_images: int = 1) -> TrainSet:
+    """A training set by name or CSV path (see the module docstring)."""
+    data_root = Path(data_root)
+    gldv2_root = Path(gldv2_root) if gldv2_root else data_root / "gldv2"
+    if spec == "synthetic":
+        from retrieval.data.synthetic import make_synthetic
+        from retrieval.data.synthetic_train import make_synthetic_train
+
+        bench = data_root / f"synthetic-{synthetic_size}-s{seed}"
+        make_synthetic(bench, synthetic_size, seed)  # the split shares the benchmark's style families
+        return load_folder_train(make_synthetic_train(bench, synthetic_size, seed),
+                                 f"synthetic-{synthetic_size}-s{seed}-train", min_images)
+    if spec in ("gldv2", "gldv2-clean"):
+        return load_gldv2_train(gldv2_root / "metadata" / "train_clean.csv", gldv2_root, "gldv2-clean", min_images)
+    if spec == "gldv2-full":
+        return load_gldv2_train(gldv2_root / "metadata" / "train.csv", gldv2_root, "gldv2-full", min_images)
+    if spec.startswith("folder:"):
+        return load_folder_train(spec.removeprefix("folder:"), min_images=min_images)
+    if spec.startswith("clean:"):
+        return load_gldv2_train(spec.removeprefix("clean:"), gldv2_root, min_images=min_images)
+    if spec.endswith(".csv"):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: training CSV not found")
+        with path.open(encoding="utf-8-sig") as f:
+            header = {h.strip() for h in f.readline().split(",")}
+        if {"landmark_id", "images"} <= header or "url" in header:
+            return load_gldv2_train(path, gldv2_root, min_images=min_images)
+        return load_folder_train(path, min_images=min_images)
+    raise ValueError(f"unknown train set {spec!r}: expected synthetic, gldv2, gldv2-full, folder:<csv>, "
+                     "clean:<csv> or a CSV path")
