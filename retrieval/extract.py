@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from retrieval.data.dataset import ImageList
 from retrieval.data.images import ImageListDataset, collate_items
-from retrieval.features import FeatureWriter, check_schema
+from retrieval.features import FeatureWriter, check_schema, merge_features, read_skipped
 from retrieval.models.net import RetrievalNet
 from retrieval.models.pooling import l2n
 
@@ -43,9 +43,20 @@ LOG_FILE = "extract.log"
 
 
 def multiscale_power(net: RetrievalNet, scales: Sequence[float]) -> float:
-    """The power used to average descriptors over scales (GeM's p without whitening, else 1)."""
+    """The power used to average descriptors over scales: GeM's p when the descriptor is GeM's output,
+    1 (a plain mean, as Landmark2019 did) when a neck or whitening follows the pooling."""
     p = net.gem_p
-    return p if (len(scales) > 1 and p is not None and net.whiten is None) else 1.0
+    plain_gem = net.whiten is None and net.neck is None
+    return p if (len(scales) > 1 and p is not None and plain_gem) else 1.0
+
+
+def weights_digest(net: torch.nn.Module) -> str:
+    """SHA-256 of every tensor of the net: features are reused only for the very same weights."""
+    h = hashlib.sha256()
+    for name, tensor in net.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 @torch.inference_mode()
@@ -129,7 +140,8 @@ def extract_features(net: RetrievalNet, images: ImageList, out_path: str | os.Pa
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     scales = tuple(float(s) for s in scales)
-    settings = {"meta": net.meta, "image_size": image_size, "scales": scales, "resize": resize, "dtype": dtype}
+    settings = {"meta": net.meta, "weights": weights_digest(net), "image_size": image_size, "scales": scales,
+                "resize": resize, "dtype": dtype}
     signature = job_signature(images, settings)
     if _complete_with_signature(out_path, signature):
         logger.info("%s: already complete, nothing to do", out_path)
@@ -146,19 +158,15 @@ def extract_features(net: RetrievalNet, images: ImageList, out_path: str | os.Pa
             start = writer.cursor
             logger.info("extracting %d images into %s (scales %s, size %d, batch %d, device %s), starting at %d",
                         len(images), out_path, scales, image_size, batch_size, device, start)
-            dataset = ImageListDataset(images, image_size, net.meta["mean"], net.meta["std"], resize, start=start)
-            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
-                                collate_fn=collate_items, pin_memory=device.type == "cuda")
             bar = tqdm(total=len(images), initial=start, desc=out_path.name, unit="img", disable=not progress,
                        dynamic_ncols=True)
-            for batch in loader:
-                ok = [(i, x) for i, x, _ in batch if x is not None]
-                skipped = [(i, err) for i, x, err in batch if x is None]
+            for end, rows, feats, skipped in iter_descriptors(net, images, image_size=image_size, scales=scales,
+                                                              resize=resize, batch_size=batch_size,
+                                                              num_workers=num_workers, device=device, start=start):
                 for i, err in skipped:
                     logger.warning("skipped %s (%s): %s", images.ids[i], images.paths[i], err)
-                feats = _describe_grouped(net, ok, scales, device)
-                writer.append(batch[-1][0] + 1, [images.ids[i] for i, _ in ok], feats, skipped)
-                bar.update(len(batch))
+                writer.append(end, [images.ids[i] for i in rows], feats, skipped)
+                bar.update(end - bar.n)
             bar.close()
             skipped = writer.skipped()
             done = writer.finish()
@@ -168,6 +176,46 @@ def extract_features(net: RetrievalNet, images: ImageList, out_path: str | os.Pa
         logger.info("%s: %d features written, %d images skipped%s", out_path, len(images) - len(skipped),
                     len(skipped), f" (listed in {out_path.parent / SKIPPED_CSV})" if skipped else "")
     return done
+
+
+def iter_descriptors(net: RetrievalNet, images: ImageList, *, image_size: int, scales: Sequence[float] = (1.0,),
+                     resize: str = "long", batch_size: int = 32, num_workers: int = 0,
+                     device: str | torch.device = "cpu", start: int = 0
+                     ) -> Iterator[tuple[int, list[int], np.ndarray, list[tuple[int, str]]]]:
+    """Describe ``images[start:]`` batch by batch: yields ``(end, rows, feats, skipped)``.
+
+    ``end`` is one past the last input of the batch, ``rows`` the inputs described (``feats``
+    row by row) and ``skipped`` ``(input, reason)`` for those that could not be read. ``net``
+    must already be on ``device`` in eval mode.
+    """
+    device = torch.device(device)
+    dataset = ImageListDataset(images, image_size, net.meta["mean"], net.meta["std"], resize, start=start)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                        collate_fn=collate_items, pin_memory=device.type == "cuda")
+    for batch in loader:
+        ok = [(i, x) for i, x, _ in batch if x is not None]
+        skipped = [(i, err) for i, x, err in batch if x is None]
+        yield batch[-1][0] + 1, [i for i, _ in ok], _describe_grouped(net, ok, tuple(scales), device), skipped
+
+
+def describe_images(net: RetrievalNet, images: ImageList, *, image_size: int, scales: Sequence[float] = (1.0,),
+                    resize: str = "long", batch_size: int = 32, num_workers: int = 0,
+                    device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """In-memory descriptors (used by validation): ``(rows, feats)``, rows = inputs that could be read."""
+    was_training = net.training
+    net.eval()
+    rows: list[int] = []
+    parts = []
+    try:
+        for _, batch_rows, feats, _ in iter_descriptors(net, images, image_size=image_size, scales=scales,
+                                                        resize=resize, batch_size=batch_size,
+                                                        num_workers=num_workers, device=device):
+            rows += batch_rows
+            parts.append(feats)
+    finally:
+        net.train(was_training)
+    dim = net.meta["dim"]
+    return np.asarray(rows, dtype=np.int64), (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
 
 
 def _describe_grouped(net: RetrievalNet, items: list[tuple[int, torch.Tensor]], scales: tuple[float, ...],
@@ -181,3 +229,76 @@ def _describe_grouped(net: RetrievalNet, items: list[tuple[int, torch.Tensor]], 
         x = torch.stack([items[r][1] for r in rows]).to(device, non_blocking=True)
         out[rows] = describe(net, x, scales).float().cpu().numpy()
     return out
+
+
+def shard_path(out_path: Path, rank: int, world: int) -> Path:
+    return out_path.with_name(f"{out_path.stem}.shard{rank}of{world}{out_path.suffix}")
+
+
+def _shard_bounds(n: int, world: int) -> list[int]:
+    return [round(n * r / world) for r in range(world + 1)]
+
+
+def _slice(images: ImageList, a: int, b: int) -> ImageList:
+    return ImageList(images.ids[a:b], images.paths[a:b], None if images.bbxs is None else images.bbxs[a:b])
+
+
+def _extract_blocks(rank: int, make_net: Callable[[], RetrievalNet], images: ImageList, devices: list[str],
+                    blocks: list[int], n_blocks: int, out_path: Path, kwargs: dict) -> None:
+    """Worker ``rank``: describe its share of ``blocks`` on ``devices[rank]``, each into its shard file."""
+    if not devices[rank].startswith("cuda"):  # share the cores between CPU workers
+        torch.set_num_threads(max(1, torch.get_num_threads() // len(devices)))
+    progress = rank == 0 and kwargs.pop("progress", True)
+    bounds = _shard_bounds(len(images), n_blocks)
+    net = make_net()
+    for b in blocks[rank::len(devices)]:
+        extract_features(net, _slice(images, bounds[b], bounds[b + 1]), shard_path(out_path, b, n_blocks),
+                         device=devices[rank], progress=progress, **kwargs)
+
+
+def extract_on_devices(make_net: Callable[[], RetrievalNet], images: ImageList, out_path: str | os.PathLike,
+                       devices: Sequence[str | torch.device], *, n_blocks: int | None = None,
+                       block_id: int | None = None, **kwargs) -> Path:
+    """`extract_features` spread over devices and blocks (Landmark2019's ``multigpu-predict`` / ``-n -i``).
+
+    The input list is cut into ``n_blocks`` contiguous blocks (default: one per device); each
+    is described into its own shard file ``<name>.shard<b>of<n>.h5`` (resumable on its own) by
+    one process per device. With ``block_id`` only that block is done and its shard returned
+    (one array task of a cluster job); otherwise the shards are merged into ``out_path`` in
+    input order and removed. ``make_net`` must be picklable (e.g. a ``functools.partial`` of
+    `load_checkpoint`). ``kwargs`` go to `extract_features`.
+    """
+    out_path = Path(out_path)
+    devs = [str(d) for d in devices]
+    n_blocks = int(n_blocks or len(devs))
+    if block_id is not None and not 0 <= block_id < n_blocks:
+        raise ValueError(f"--block-id must be in [0, {n_blocks}), got {block_id}")
+    if n_blocks == 1 and len(devs) == 1:
+        return extract_features(make_net(), images, out_path, device=devs[0], **kwargs)
+    net = make_net()
+    scales = tuple(float(s) for s in kwargs.get("scales", (1.0,)))
+    settings = {"meta": net.meta, "weights": weights_digest(net), "image_size": kwargs.get("image_size", 512),
+                "scales": scales, "resize": kwargs.get("resize", "long"), "dtype": kwargs.get("dtype", "float32")}
+    signature = job_signature(images, settings)
+    if _complete_with_signature(out_path, signature):
+        logger.info("%s: already complete, nothing to do", out_path)
+        return out_path
+    blocks = [block_id] if block_id is not None else list(range(n_blocks))
+    workers = devs[: len(blocks)]
+    if len(workers) == 1:
+        _extract_blocks(0, lambda: net, images, workers, blocks, n_blocks, out_path, dict(kwargs))
+    else:
+        torch.multiprocessing.start_processes(
+            _extract_blocks, args=(make_net, images, workers, blocks, n_blocks, out_path, dict(kwargs)),
+            nprocs=len(workers), join=True, start_method="spawn")
+    if block_id is not None:
+        return shard_path(out_path, block_id, n_blocks)
+    shards = [shard_path(out_path, b, n_blocks) for b in range(n_blocks)]
+    bounds = _shard_bounds(len(images), n_blocks)
+    done = merge_features(shards, out_path, bounds[:-1], signature=signature, n_inputs=len(images))
+    write_skipped_csv(out_path, images, read_skipped(done))
+    for b, shard in enumerate(shards):  # their rows of skipped.csv now belong to the merged file
+        write_skipped_csv(shard, _slice(images, bounds[b], bounds[b + 1]), [])
+        shard.unlink()
+    logger.info("%s: merged %d blocks", out_path, n_blocks)
+    return done

@@ -83,8 +83,9 @@ def check_schema(f: h5py.File, path: Path, schema: str = SCHEMA, version: int = 
         raise SchemaError(f"{path}: {schema} schema version {found_version}, this code reads version {version}")
 
 
-def write_features(path: str | os.PathLike, ids: Sequence[str], feats: np.ndarray, **attrs: Any) -> Path:
-    """Write a complete features file in one go (to ``.tmp``, then rename)."""
+def write_features(path: str | os.PathLike, ids: Sequence[str], feats: np.ndarray,
+                   skipped: Sequence[tuple[int, str]] = (), **attrs: Any) -> Path:
+    """Write a complete features file in one go (to ``.tmp``, then rename); ``skipped``: (input, reason)."""
     path = Path(path)
     feats = np.asarray(feats)
     if feats.ndim != 2 or len(feats) != len(ids):
@@ -98,6 +99,8 @@ def write_features(path: str | os.PathLike, ids: Sequence[str], feats: np.ndarra
     with h5py.File(tmp, "w") as f:
         f.create_dataset("ids", data=np.asarray(list(ids), dtype=object), dtype=STR_DTYPE)
         f.create_dataset("feats", data=feats)
+        f.create_dataset("skipped_index", data=np.asarray([i for i, _ in skipped], dtype=np.int64))
+        f.create_dataset("skipped_reason", data=np.asarray([r for _, r in skipped], dtype=object), dtype=STR_DTYPE)
         for k, v in {"dim": feats.shape[1], **attrs}.items():
             f.attrs[k] = _attr(v)
         f.attrs["schema"], f.attrs["schema_version"], f.attrs["complete"] = SCHEMA, SCHEMA_VERSION, True
@@ -219,3 +222,36 @@ class FeatureWriter:
     def close(self) -> None:
         if self.file.id.valid:
             self.file.close()
+
+
+def read_skipped(path: str | os.PathLike) -> list[tuple[int, str]]:
+    """``(input index, reason)`` of the inputs a complete features file could not describe."""
+    with h5py.File(path, "r") as f:
+        if "skipped_index" not in f:
+            return []
+        return list(zip(f["skipped_index"][()].tolist(), read_strings(f["skipped_reason"]), strict=True))
+
+
+def merge_features(shards: Sequence[str | os.PathLike], path: str | os.PathLike, offsets: Sequence[int],
+                   **attrs: Any) -> Path:
+    """Concatenate complete shard files (shard ``s`` described inputs from ``offsets[s]``) into ``path``.
+
+    Ids must be unique across shards (Landmark2019's merge-by-id check); skipped inputs are
+    renumbered into the whole input list. Written atomically like every features file.
+    """
+    ids: list[str] = []
+    parts, skipped = [], []
+    base_attrs: dict = {}
+    for shard, offset in zip(shards, offsets, strict=True):
+        shard_ids, feats, shard_attrs = read_features(shard, dtype=None)
+        base_attrs = base_attrs or shard_attrs
+        ids += shard_ids
+        parts.append(feats)
+        skipped += [(offset + i, reason) for i, reason in read_skipped(shard)]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: shards {list(map(str, shards))} share ids; they must be disjoint")
+    keep = {k: v for k, v in base_attrs.items()
+            if k not in ("schema", "schema_version", "complete", "cursor", "rows", "n_skipped", "n_inputs",
+                         "signature", "dim")}
+    feats = np.concatenate(parts) if parts else np.zeros((0, int(base_attrs.get("dim", 0))), np.float32)
+    return write_features(path, ids, feats, skipped, **{**keep, "shards": len(shards), **attrs})

@@ -117,6 +117,32 @@ def test_complete_file_is_not_recomputed(net, tmp_path):
     assert out.stat().st_mtime_ns != mtime and read_features(out)[2]["image_size"] == 32
 
 
+def test_other_weights_with_the_same_meta_are_recomputed(net, tmp_path):
+    """A retrained checkpoint at the same path has the same meta: the weights digest tells them apart."""
+    import copy
+
+    images = make_images(tmp_path / "img", 4)
+    out = run(net, images, tmp_path / "db.h5")
+    before = read_features(out)[1]
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        other.backbone.conv_stem.weight.mul_(0.5)
+    assert other.meta == net.meta
+    after = read_features(run(other, images, out))[1]
+    assert not np.allclose(before, after)
+
+
+def test_describe_images_in_memory_equals_the_file(net, tmp_path):
+    from retrieval.extract import describe_images
+
+    images = make_images(tmp_path / "img", 5)
+    images.paths[2].write_bytes(b"")
+    rows, feats = describe_images(net, images, image_size=SIZE, batch_size=2)
+    ids, file_feats, _ = read_features(run(net, images, tmp_path / "db.h5"))
+    assert rows.tolist() == [0, 1, 3, 4] and ids == [images.ids[i] for i in rows]
+    assert np.allclose(feats, file_feats, atol=1e-6)
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path

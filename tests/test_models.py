@@ -78,3 +78,30 @@ def test_packaged_weights_are_real_imagenet_weights():
 def test_pretrained_record_must_match_architecture():
     with pytest.raises(ValueError, match="is for tf_efficientnet_lite0"):
         create_model(architecture="resnet18", pretrained="efficientnet_lite0")
+
+
+def test_neck_and_head_rebuild_from_meta(tmp_path):
+    torch.manual_seed(2)
+    net = create_model(pretrained=None, fc_dim=64, dropout=0.1,
+                       head={"name": "arcface", "n_classes": 5, "s": 20.0, "m": 0.4}).eval()
+    assert net.meta["dim"] == 64 and net.meta["fc_dim"] == 64
+    assert net.meta["head"] == {"name": "arcface", "n_classes": 5, **net.head.config()}
+    assert net.head.weight.shape == (5, 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        v = net(x)
+        logits = net.head(net.embed(x), torch.tensor([0, 3]))
+    assert v.shape == (2, 64) and torch.allclose(v.norm(dim=1), torch.ones(2), atol=1e-4)
+    rebuilt = load_checkpoint(save_checkpoint(tmp_path / "ep1.pth", net)).eval()
+    assert rebuilt.meta["head"]["m"] == 0.4 and rebuilt.head.s == 20.0
+    with torch.inference_mode():
+        assert torch.allclose(rebuilt(x), v, atol=1e-6)
+        assert torch.allclose(rebuilt.head(rebuilt.embed(x), torch.tensor([0, 3])), logits, atol=1e-5)
+
+
+def test_multiscale_power_is_gem_p_only_for_a_plain_gem_descriptor():
+    from retrieval.extract import MULTI_SCALES, multiscale_power
+
+    assert multiscale_power(create_model(pretrained=None), MULTI_SCALES) == pytest.approx(3.0)
+    assert multiscale_power(create_model(pretrained=None, fc_dim=32), MULTI_SCALES) == 1.0
+    assert multiscale_power(create_model(pretrained=None, whitening=32), MULTI_SCALES) == 1.0

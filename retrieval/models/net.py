@@ -1,7 +1,11 @@
-"""The retrieval network (backbone → pooling → optional whitening → L2) and its checkpoints.
+"""The retrieval network and its checkpoints.
+
+backbone → pooling → optional neck (Landmark2019: dropout → Linear to ``fc_dim`` → BatchNorm1d)
+→ L2 → optional whitening → L2. A net built for training also carries a margin head
+(`retrieval.models.heads`), used only by the loss: descriptors never pass through it.
 
 A checkpoint is ``{"meta": {...}, "state_dict": {...}, ...}``; ``meta`` holds everything
-needed to rebuild the net (architecture, pooling, whitening, mean/std, dim), so
+needed to rebuild the net (architecture, pooling, neck, whitening, head, mean/std, dim), so
 `load_checkpoint(path)` needs no other input (cirtorch's habit).
 """
 
@@ -15,21 +19,42 @@ import torch
 from torch import nn
 
 from retrieval.models.backbones import create_backbone, default_mean_std
+from retrieval.models.heads import create_head
 from retrieval.models.pooling import GeM, create_pooling, l2n
 
 CHECKPOINT_FORMAT = 1
 
 
+class Neck(nn.Module):
+    """Landmark2019's embedding layer: dropout → Linear(in, fc_dim) → BatchNorm1d."""
+
+    def __init__(self, in_features: int, fc_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.fc = nn.Linear(in_features, fc_dim)
+        self.bn = nn.BatchNorm1d(fc_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(self.dropout(x)))
+
+
 class RetrievalNet(nn.Module):
     """Maps images ``(B, 3, H, W)`` to L2-normalised descriptors ``(B, meta['dim'])``."""
 
-    def __init__(self, backbone: nn.Module, pool: nn.Module, whiten: nn.Linear | None, meta: dict) -> None:
+    def __init__(self, backbone: nn.Module, pool: nn.Module, whiten: nn.Linear | None, meta: dict,
+                 neck: nn.Module | None = None, head: nn.Module | None = None) -> None:
         super().__init__()
-        self.backbone, self.pool, self.whiten = backbone, pool, whiten
+        self.backbone, self.pool, self.neck, self.whiten = backbone, pool, neck, whiten
+        self.head = head
         self.meta = meta
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding before normalisation (pooled features, through the neck if any): the head's input."""
+        v = self.pool(self.backbone.forward_features(x))
+        return self.neck(v) if self.neck is not None else v
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = l2n(self.pool(self.backbone.forward_features(x)))
+        v = l2n(self.embed(x))
         if self.whiten is not None:
             v = l2n(self.whiten(v))
         return v
@@ -43,32 +68,47 @@ class RetrievalNet(nn.Module):
 def create_model(architecture: str = "tf_efficientnet_lite0", pooling: str = "gem", p: float | None = 3.0,
                  whitening: int | None = None, pretrained: str | None = "efficientnet_lite0",
                  mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 fc_dim: int | None = None, dropout: float = 0.0, head: dict | None = None,
                  **unused: Any) -> RetrievalNet:
-    """Build a `RetrievalNet`. ``whitening``: output dim of a learned linear whitening, or None.
+    """Build a `RetrievalNet`.
 
-    Extra keys (e.g. a whole experiment ``params`` dict) are ignored, so
-    ``create_model(**params)`` works.
+    ``fc_dim``: width of the Landmark2019 neck (None: no neck, descriptors are the pooled
+    features); ``dropout``: before the neck's Linear; ``whitening``: output dim of a learned
+    linear whitening, or None; ``head``: ``{"name", "n_classes", **kwargs}`` of a margin head for
+    training (`create_head`), or None. Extra keys (e.g. a whole experiment ``params`` dict) are
+    ignored, so ``create_model(**params)`` works.
     """
     backbone = create_backbone(architecture, pretrained)
     pool_kwargs = {"p": p} if pooling == "gem" else {}
     pool = create_pooling(pooling, **pool_kwargs)
     in_dim = backbone.num_features
-    whiten = nn.Linear(in_dim, int(whitening), bias=True) if whitening else None
+    neck = Neck(in_dim, int(fc_dim), float(dropout or 0.0)) if fc_dim else None
+    embed_dim = int(fc_dim) if fc_dim else int(in_dim)
+    whiten = nn.Linear(embed_dim, int(whitening), bias=True) if whitening else None
     if whiten is not None:  # start as a (truncated) identity so an untrained net behaves like no whitening
         nn.init.eye_(whiten.weight)
         nn.init.zeros_(whiten.bias)
+    head_module, head_meta = None, None
+    if head:
+        spec = dict(head)
+        name, n_classes = spec.pop("name"), int(spec.pop("n_classes"))
+        head_module = create_head(name, embed_dim, n_classes, **spec)
+        head_meta = {"name": name, "n_classes": n_classes, **head_module.config()}
     dmean, dstd = default_mean_std(pretrained)
     meta = {
         "architecture": architecture,
         "pooling": pooling,
         "p": p if pooling == "gem" else None,
+        "fc_dim": int(fc_dim) if fc_dim else None,
+        "dropout": float(dropout or 0.0),
         "whitening": int(whitening) if whitening else None,
+        "head": head_meta,
         "pretrained": str(pretrained) if pretrained else None,
         "mean": [float(v) for v in (mean or dmean)],
         "std": [float(v) for v in (std or dstd)],
-        "dim": int(whitening) if whitening else int(in_dim),
+        "dim": int(whitening) if whitening else embed_dim,
     }
-    return RetrievalNet(backbone, pool, whiten, meta)
+    return RetrievalNet(backbone, pool, whiten, meta, neck, head_module)
 
 
 def save_checkpoint(path: str | os.PathLike, net: RetrievalNet, **extra: Any) -> Path:
