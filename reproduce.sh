@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on the built-in synthetic benchmark, offline:
 #   install (if needed) → generate benchmark → extract single- and multi-scale GeM features
-#   → FAISS search → αQE / αDBA re-ranking → revisitop evaluation → results table + HTML page.
+#   → FAISS search → αQE / αDBA re-ranking → revisitop evaluation (v1, the pretrained net)
+#   → fine-tune v2 (ArcFace on the benchmark's train split) → the same evaluation → one results table.
 # SIZE=tiny|default|large and SEED=N pick the benchmark; DEVICE=0 uses CUDA device 0 when present.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,18 +13,27 @@ export HF_HUB_OFFLINE=1
 
 SIZE="${SIZE:-default}"
 SEED="${SEED:-0}"
-run() { .venv/bin/python experiments/v1.py --set synthetic_size="\"$SIZE\"" --set seed="$SEED" "$@"; }
+run() { .venv/bin/python "experiments/$1.py" --set synthetic_size="\"$SIZE\"" --set seed="$SEED" "${@:2}"; }
 
 start=$(date +%s)
-run predict ${DEVICE:+-d "$DEVICE"}
-run predict --ms ${DEVICE:+-d "$DEVICE"}
-run evaluate --rerank none > /dev/null
-run evaluate --ms --rerank none,aqe,adba+aqe > /dev/null
+run v1 predict ${DEVICE:+-d "$DEVICE"}
+run v1 predict --ms ${DEVICE:+-d "$DEVICE"}
+run v1 evaluate --rerank none > /dev/null
+run v1 evaluate --ms --rerank none,aqe,adba+aqe > /dev/null
+pretrained=$(( $(date +%s) - start ))
+
+# v2: train, then multi-scale evaluation with its best checkpoint (the job's eval_rerank), then single-scale
+ckpt=$(run v2 job ${DEVICE:+-d "$DEVICE"} | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["checkpoint"])')
+run v2 predict -m "$ckpt" ${DEVICE:+-d "$DEVICE"} > /dev/null
+run v2 evaluate -m "$ckpt" --rerank none > /dev/null
 
 echo
 echo "Built-in benchmark (synthetic, size=$SIZE, seed=$SEED), revisitop protocols, percent:"
-.venv/bin/python -m retrieval.report table experiments/v1/results.csv --dataset "synthetic-$SIZE-s$SEED" \
-    --select ss:none,ms:none,ms:aqe,ms:adba+aqe
+.venv/bin/python -m retrieval.report table experiments/v1/results.csv experiments/v2/results.csv \
+    --dataset "synthetic-$SIZE-s$SEED" --select ss:none,ms:none,ms:aqe,ms:adba+aqe
+setting=$(dirname "$ckpt")
 echo
 echo "Ranked thumbnails: experiments/v1/pretrained/eval/synthetic-$SIZE-s${SEED}_ms_adba+aqe/ranked.html"
-echo "Done in $(( $(date +%s) - start )) s."
+echo "                   ${ckpt%.pth}/eval/synthetic-$SIZE-s${SEED}_ms_adba+aqe/ranked.html"
+echo "Training: $setting/train_log.csv, $setting/train_plot.png"
+echo "Done in $(( $(date +%s) - start )) s (pretrained net: $pretrained s)."

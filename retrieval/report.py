@@ -124,9 +124,67 @@ def method_label(row: dict[str, Any]) -> str:
     pooling = {"gem": "GeM", "mac": "MAC", "spoc": "SPoC", "rmac": "R-MAC"}.get(params.get("pooling"), "")
     features = {"ss": "single-scale", "ms": "multi-scale"}.get(row.get("features", ""), row.get("features", ""))
     rerank = {"none": "", "qe": " + AQE", "aqe": " + αQE", "adba": " + αDBA", "adba+aqe": " + αDBA + αQE"}
+    if params.get("fc_dim"):
+        pooling += f" + FC{params['fc_dim']}"
     setting = row.get("setting", "")
-    prefix = f"{setting}: " if setting and setting != "pretrained" else ""
+    prefix = f"{row.get('experiment', '')}/{setting}: ".lstrip("/") if setting and setting != "pretrained" else ""
     return f"{prefix}{pooling} {features}{rerank.get(row.get('rerank', ''), ' + ' + str(row.get('rerank')))}".strip()
+
+
+def write_csv_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
+    """Rewrite a whole CSV atomically; columns are the union of the rows' keys, in first-seen order."""
+    fields: dict[str, None] = {}
+    for row in rows:
+        fields.update(dict.fromkeys(row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return _write_text_atomic(path, buf.getvalue())
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def plot_training(path: str | os.PathLike, history: Sequence[dict[str, Any]]) -> Path:
+    """A PNG of loss and accuracy, learning rate and validation mAP per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    trained = [r for r in history if "loss" in r]  # epoch 0: validation before training only
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot([r["epoch"] for r in trained], [r["loss"] for r in trained], "o-", label="loss")
+    acc = axes[0].twinx()
+    acc.plot([r["epoch"] for r in trained], [r["acc"] for r in trained], "s--", color="tab:orange",
+             label="train accuracy")
+    axes[0].set(title="training loss / accuracy", xlabel="epoch", ylabel="loss")
+    acc.set_ylabel("accuracy")
+    axes[1].plot([r["epoch"] for r in trained], [r["lr"] for r in trained], "o-")
+    axes[1].set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log")
+    for proto in PROTOCOLS:
+        values = [_float(r.get(f"val_{proto}")) for r in history]
+        if not all(np.isnan(values)):  # e.g. no Hard positives in a leave-one-out validation
+            axes[2].plot(epochs, [100 * v for v in values], "o-", label=proto)
+    axes[2].set(title="validation mAP (%)", xlabel="epoch")
+    if axes[2].lines:
+        axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 # ---------------------------------------------------------------- HTML page of ranked thumbnails
@@ -197,25 +255,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m retrieval.report", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", help="print the latest row of each setting of a results.csv")
-    table.add_argument("csv", type=Path)
+    table.add_argument("csv", type=Path, nargs="+", help="one or more results.csv (rows shown in that order)")
     table.add_argument("--dataset", default=None, help="only rows of this dataset")
     table.add_argument("--select", default=None, metavar="FEATURES:RERANK,...",
                        help="only these rows, in this order, e.g. ss:none,ms:none,ms:aqe")
     args = parser.parse_args(argv)
-    if not args.csv.is_file():
-        print(f"error: {args.csv}: results file not found", file=sys.stderr)
-        return 2
-    rows = latest_rows(read_results_csv(args.csv))
-    if args.dataset:
-        rows = [r for r in rows if r.get("dataset") == args.dataset]
-    if args.select:
-        wanted = [tuple(s.strip().split(":", 1)) for s in args.select.split(",") if s.strip()]
-        by_key = {(r.get("features"), r.get("rerank")): r for r in rows}
-        missing = [":".join(w) for w in wanted if w not in by_key]
-        if missing:
-            print(f"error: {args.csv}: no rows for {', '.join(missing)}", file=sys.stderr)
+    wanted = [tuple(w.strip().split(":", 1)) for w in (args.select or "").split(",") if w.strip()]
+    rows = []
+    for path in args.csv:
+        if not path.is_file():
+            print(f"error: {path}: results file not found", file=sys.stderr)
             return 2
-        rows = [by_key[w] for w in wanted]
+        found = latest_rows(read_results_csv(path))
+        if args.dataset:
+            found = [r for r in found if r.get("dataset") == args.dataset]
+        if wanted:
+            by_key = {(r.get("features"), r.get("rerank")): r for r in found}
+            missing = [":".join(w) for w in wanted if w not in by_key]
+            if missing:
+                print(f"error: {path}: no rows for {', '.join(missing)}", file=sys.stderr)
+                return 2
+            found = [by_key[w] for w in wanted]
+        rows += found
     print(format_table(rows))
     return 0
 

@@ -1,0 +1,111 @@
+"""Evaluation: search + re-rank + metrics on features, and the files a finished evaluation leaves.
+
+`rank_dataset` is the one path from query / database descriptors to dataset-indexed rankings
+and revisitop metrics; `evaluate_features` (the runner's ``evaluate`` verb) and the trainer's
+per-epoch validation both go through it, so a validation mAP is the number ``evaluate`` prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrieval.data.dataset import RetrievalDataset
+from retrieval.features import read_features
+from retrieval.metrics import revisitop_map
+from retrieval.report import append_results_csv, summary_row, write_json, write_ranked_html
+from retrieval.rerank import rerank_search
+from retrieval.search import write_ranks
+
+logger = logging.getLogger(__name__)
+
+
+def align_features(ids: Sequence[str], wanted: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a features file for ``wanted`` ids: ``(rows, present)``; ids without features are absent."""
+    row_of = {image_id: r for r, image_id in enumerate(ids)}
+    unknown = set(ids) - set(wanted)
+    if unknown:
+        raise ValueError(f"features hold {len(unknown)} ids not in the dataset, e.g. {sorted(unknown)[:3]}")
+    rows = np.array([row_of.get(w, -1) for w in wanted], dtype=np.int64)
+    return rows, rows >= 0
+
+
+def rank_dataset(q_feats: np.ndarray, q_ok: np.ndarray, db_feats: np.ndarray, db_ok: np.ndarray,
+                 method: str = "none", k: int | None = None, *, qe_n: int = 2, dba_n: int = 2,
+                 alpha: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """Rank the database for every query: ``(ranks, scores)`` indexed by dataset query / db rows.
+
+    ``q_feats`` / ``db_feats`` hold the rows of the present images only (``q_ok`` / ``db_ok``
+    mark which dataset rows they are). Queries without features rank nothing (-1, AP 0).
+    """
+    if not db_ok.any():
+        raise ValueError("no database image has features")
+    db_index = np.flatnonzero(db_ok)  # dataset db row of each searchable row
+    k = int(k or len(db_index))
+    scores_q, ranks_q = rerank_search(method, q_feats, db_feats, k, qe_n=qe_n, dba_n=dba_n, alpha=alpha)
+    ranks = np.full((len(q_ok), ranks_q.shape[1]), -1, dtype=np.int64)
+    scores = np.full(ranks.shape, np.nan, dtype=np.float32)
+    ranks[q_ok] = np.where(ranks_q >= 0, db_index[ranks_q], -1)
+    scores[q_ok] = scores_q
+    return ranks, scores
+
+
+def validation_map(ds: RetrievalDataset, q_rows: np.ndarray, q_feats: np.ndarray, db_rows: np.ndarray,
+                   db_feats: np.ndarray, method: str = "none") -> dict[str, float]:
+    """mAP per revisitop protocol of in-memory descriptors (rows = dataset rows that were described)."""
+    q_ok = np.zeros(len(ds.queries), bool)
+    q_ok[q_rows] = True
+    db_ok = np.zeros(len(ds.db), bool)
+    db_ok[db_rows] = True
+    q_order, db_order = np.argsort(q_rows), np.argsort(db_rows)
+    ranks, _ = rank_dataset(q_feats[q_order], q_ok, db_feats[db_order], db_ok, method)
+    return {proto: float(m["map"]) for proto, m in revisitop_map(ranks, ds.gnd).items()}
+
+
+def evaluate_features(ds: RetrievalDataset, query_features: str | os.PathLike, db_features: str | os.PathLike,
+                      methods: Sequence[str], out_root: str | os.PathLike, *, feature_kind: str,
+                      experiment: str, setting: str, results_csv: str | os.PathLike,
+                      params: dict[str, Any] | None = None, checkpoint: str | None = None,
+                      html_queries: int = 10) -> list[dict[str, Any]]:
+    """Evaluate one features pair with each re-ranking method.
+
+    For each method writes ``<out_root>/<dataset>_<feature_kind>_<method>/{ranks.h5, results.json,
+    ranked.html}`` and appends a row to ``results_csv``; returns the results dicts.
+    """
+    params = params or {}
+    q_ids, q_feats, _ = read_features(query_features)
+    db_ids, db_feats, _ = read_features(db_features)
+    q_rows, q_ok = align_features(q_ids, ds.queries.ids)
+    db_rows, db_ok = align_features(db_ids, ds.db.ids)
+    results = []
+    for method in methods:
+        t0 = time.perf_counter()
+        ranks, scores = rank_dataset(q_feats[q_rows[q_ok]], q_ok, db_feats[db_rows[db_ok]], db_ok, method,
+                                     params.get("topk"), qe_n=int(params.get("qe_n", 2)),
+                                     dba_n=int(params.get("dba_n", 2)), alpha=float(params.get("alpha", 3.0)))
+        seconds = time.perf_counter() - t0
+        out_dir = Path(out_root) / f"{ds.name}_{feature_kind}_{method}"
+        write_ranks(out_dir / "ranks.h5", ds.queries.ids, ds.db.ids, ranks, scores)
+        res: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "experiment": experiment, "setting": setting,
+            "dataset": ds.name, "features": feature_kind, "rerank": method, "n_queries": len(ds.queries),
+            "n_db": len(ds.db), "n_queries_missing": int((~q_ok).sum()), "n_db_missing": int((~db_ok).sum()),
+            "search_seconds": round(seconds, 4), "checkpoint": checkpoint, "params": params,
+        }
+        if ds.gnd:
+            metrics = revisitop_map(ranks, ds.gnd)
+            res["metrics"] = {proto: {k_: v for k_, v in m.items() if k_ != "aps"} for proto, m in metrics.items()}
+            res["per_query_ap"] = {proto: m["aps"] for proto, m in metrics.items()}
+        write_json(out_dir / "results.json", res)
+        write_ranked_html(out_dir / "ranked.html", ds, ranks, scores, n_queries=html_queries,
+                          title=f"{experiment}/{setting}: {ds.name}, {feature_kind}, {method}")
+        append_results_csv(results_csv, summary_row(res))
+        logger.info("%s: %s", out_dir, {p_: round(m["map"], 4) for p_, m in res.get("metrics", {}).items()})
+        results.append(res)
+    return results

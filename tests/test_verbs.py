@@ -1,0 +1,193 @@
+"""The runner's training and scale verbs: job, tuning (parallel, killed and rerun), multigpu-predict, launchers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import TINY_TRAIN_PARAMS, write_labelled_folder
+from retrieval.features import read_features
+from retrieval.runner import build_cli
+
+REPO = Path(__file__).resolve().parents[1]
+VERBS = ("job", "tuning", "predict", "evaluate", "multigpu-predict", "launch-slurm", "launch-qsub")
+
+EXPERIMENT = """
+from retrieval.runner import main
+params = {params!r}
+space = {space!r}
+if __name__ == "__main__":
+    main(params, space)
+"""
+
+
+@pytest.fixture()
+def tiny(tmp_path):
+    """A tiny labelled folder (train set and benchmark) and an experiment file over it."""
+    data = write_labelled_folder(tmp_path / "data", n_classes=3, per_class=4, queries=True)
+    params = {**TINY_TRAIN_PARAMS, "train_set": f"folder:{data}", "dataset": f"folder:{data}", "epochs": 1}
+    exp = tmp_path / "exp.py"
+    exp.write_text(EXPERIMENT.format(params=params, space=[{"margin": [0.2, 0.3]}]))
+    return exp, params, data
+
+
+def run(*args, timeout=600):
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_help_lists_every_verb():
+    out = run(REPO / "experiments" / "v2.py", "--help")
+    listed = {line.split()[0] for line in out.split("Commands:")[1].splitlines() if line.strip()}
+    assert listed == set(VERBS)
+
+
+def test_multigpu_predict_equals_predict_and_merges_blocks(tiny, tmp_path):
+    _, params, _ = tiny
+    cli = build_cli(params, name="exp", script=tmp_path / "exp.py")
+
+    def invoke(*args):
+        result = CliRunner().invoke(cli, ["--out-root", str(tmp_path / "out"), *args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout.split()
+
+    [q1, _] = invoke("predict", "--splits", "query,db")
+    ids1, f1, _ = read_features(q1)
+    out2 = tmp_path / "out2"
+    cli2 = build_cli(params, name="exp", script=tmp_path / "exp.py")
+    r = CliRunner().invoke(cli2, ["--out-root", str(out2), "multigpu-predict", "-d", "0,1"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    ids2, f2, attrs = read_features(r.stdout.split()[0])
+    assert ids2 == ids1 and np.allclose(f1, f2, atol=1e-5) and attrs["shards"] == 2
+    assert not list((out2 / "pretrained" / "features").rglob("*shard*"))  # merged and removed
+    # one block at a time (one array task each), then the merge
+    out3 = ["--out-root", str(tmp_path / "out3"), "multigpu-predict", "-n", "3"]
+    r = CliRunner().invoke(cli2, [*out3, "-i", "1", "--splits", "query"], catch_exceptions=False)
+    shard = Path(r.stdout.split()[0])
+    assert shard.name == "query_ss.shard1of3.h5" and shard.is_file()
+    assert read_features(shard)[0] == ids1[1:2]  # block 1 of 3 of the 3 queries
+    r = CliRunner().invoke(cli2, [*out3, "--splits", "query"], catch_exceptions=False)
+    ids3, f3, _ = read_features(r.stdout.split()[0])
+    assert ids3 == ids1 and np.allclose(f1, f3, atol=1e-5) and not shard.exists()
+
+
+@pytest.mark.slow
+def test_job_trains_extracts_and_evaluates(tiny, tmp_path):
+    exp, _, _ = tiny
+    out = json.loads(run(exp, "--out-root", tmp_path / "out", "--set", "margin=0.25", "job", "-d", "0"))
+    setting = tmp_path / "out" / "margin-0.25"
+    assert out["setting"] == "margin-0.25" and Path(out["checkpoint"]) == setting / "ep1.pth"
+    for name in ("params.json", "train.log", "train_log.csv", "train_plot.png", "ep1.pth", "last.pth", "job.json"):
+        assert (setting / name).is_file(), name
+    assert json.loads((setting / "params.json").read_text())["margin"] == 0.25
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    assert len(rows) == 1 and rows[0]["setting"] == "margin-0.25/ep1" and float(rows[0]["map_e"]) > 0
+    assert (setting / "ep1" / "eval" / "data_ss_none" / "ranked.html").is_file()
+
+
+def _results(root: Path) -> list[dict]:
+    path = root / "results.csv"
+    return list(csv.DictReader(path.open())) if path.is_file() else []
+
+
+@pytest.mark.slow
+def test_tuning_runs_settings_in_parallel_and_writes_a_row_each(tiny, tmp_path):
+    exp, _, _ = tiny
+    status = json.loads(run(exp, "--out-root", tmp_path / "out", "tuning", "-d", "0,1", "--n-gpu", "1"))
+    assert sorted(status["done"]) == ["margin-0.2", "margin-0.3"] and not status["failed"]
+    rows = _results(tmp_path / "out")
+    assert sorted(r["setting"] for r in rows) == ["margin-0.2/ep1", "margin-0.3/ep1"]
+    spans = []
+    for name in ("margin-0.2", "margin-0.3"):
+        log = (tmp_path / "out" / name / "train.log").stat()
+        params = (tmp_path / "out" / name / "params.json").stat()
+        spans.append((params.st_mtime, log.st_mtime))
+        assert json.loads((tmp_path / "out" / name / "params.json").read_text())["tuning_params"] == ["margin"]
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1, "the two jobs did not overlap in time"
+
+
+@pytest.mark.slow
+def test_killed_tuning_reruns_only_what_is_missing(tiny, tmp_path):
+    exp, _, _ = tiny
+    root = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(exp), "--out-root", str(root), "tuning", "-d", "0"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = [root / "margin-0.2" / "job.json", root / "margin-0.3" / "job.json"]
+    t0 = time.time()
+    while not any(p.is_file() for p in done):
+        assert proc.poll() is None and time.time() - t0 < 300, "tuning ended or hung before a setting finished"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = next(p for p in done if p.is_file())
+    other = next(p for p in done if p != first)
+    assert not other.is_file(), "both settings finished before the kill"
+    mtime = first.stat().st_mtime_ns
+    status = json.loads(run(exp, "--out-root", root, "tuning", "-d", "0"))
+    assert status["skipped"] == [first.parent.name] and status["done"] == [other.parent.name]
+    assert first.stat().st_mtime_ns == mtime and other.is_file()
+    assert sorted(r["setting"] for r in _results(root)) == ["margin-0.2/ep1", "margin-0.3/ep1"]
+
+
+def test_launch_qsub_renders_an_array_job_of_the_missing_settings(tiny, tmp_path, monkeypatch):
+    exp, params, _ = tiny
+    root = tmp_path / "out"
+    (root / "margin-0.2").mkdir(parents=True)
+    (root / "margin-0.2" / "job.json").write_text("{}")  # already done: not submitted again
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    out = run(exp, "--out-root", root, "launch-qsub", "tuning", "--resource", "rt_G.large=1", "--walltime", "2:00:00")
+    assert "qsub not found: submit it with `qsub " in out
+    script = next((root / "qsub").glob("tuning-*.sh")).read_text()
+    assert "#$ -l rt_G.large=1" in script and "#$ -l h_rt=2:00:00" in script and "#$ -t" not in script
+    assert "job -d 0 --params-path" in script and "margin-0.3/params.json --setting margin-0.3" in script
+    assert "margin-0.2/params.json" not in script
+    # a fake qsub on PATH takes it, for an array of two block tasks
+    fake = tmp_path / "bin" / "qsub"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "Your job-array 4242.1-2:1 (\\"x\\") has been submitted"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    out = run(exp, "--out-root", root, "launch-qsub", "multigpu-predict", "-n", "2", "--ms")
+    assert "submitted SGE job 4242" in out and "merge the blocks" in out
+    script = sorted((root / "qsub").glob("multigpu-predict-*.sh"))[-1].read_text()
+    assert "#$ -t 1-2" in script and "--n-blocks 2 --block-id 1" in script and "--ms" in script
+
+
+def test_launch_slurm_without_slurm_is_a_clean_error(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    exp, _, _ = tiny
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no srun
+    proc = subprocess.run([sys.executable, str(exp), "--out-root", str(tmp_path / "out"), "launch-slurm", "job"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Error: no Slurm found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_launch_slurm_runs_blocks_through_submitit(tiny, tmp_path):
+    pytest.importorskip("submitit")
+    exp, _, _ = tiny
+    root = tmp_path / "out"
+    out = run(exp, "--out-root", root, "launch-slurm", "multigpu-predict", "-n", "2", "--splits", "query",
+              "--gpus-per-node", "0", "--cluster", "local")
+    assert out.count("submitted") == 2
+    shards = [root / "pretrained" / "features" / "data" / f"query_ss.shard{i}of2.h5" for i in range(2)]
+    t0 = time.time()
+    while not all(s.is_file() for s in shards):
+        assert time.time() - t0 < 300, list((root / "slurm").glob("*"))
+        time.sleep(0.2)
+    run(exp, "--out-root", root, "multigpu-predict", "-n", "2", "--splits", "query")
+    ids, feats, attrs = read_features(root / "pretrained" / "features" / "data" / "query_ss.h5")
+    assert len(ids) == 3 and attrs["shards"] == 2
