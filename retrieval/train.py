@@ -21,6 +21,7 @@ batch). A run finds ``last.pth`` and resumes from it, to the same weights as an 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import math
@@ -42,12 +43,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from retrieval.data.augment import TrainImages, collate_train
-from retrieval.data.dataset import ImageList, RetrievalDataset, gnd_from_labels
+from retrieval.data.dataset import ImageList, RetrievalDataset
 from retrieval.data.images import read_image_sizes
 from retrieval.data.samplers import TrainBatchSampler, assign_templates, resolve_templates
-from retrieval.data.trainset import TrainSet, from_labelled, load_train_set
+from retrieval.data.trainset import TrainSet, heldout_split, load_train_set
 from retrieval.evaluate import validation_map
 from retrieval.extract import describe_images
+from retrieval.models.backbones import backbone_blocks
 from retrieval.models.heads import SoftmaxHead
 from retrieval.models.net import RetrievalNet, create_model
 from retrieval.optim import CosineSchedule, Stage, create_optimizer, stage_of, training_stages
@@ -184,28 +186,6 @@ def _gather(rk: Rank, obj: Any) -> list[Any]:
     return out
 
 
-def heldout_split(train: TrainSet, n_classes: int, seed: int) -> tuple[TrainSet, RetrievalDataset | None]:
-    """Hold ``n_classes`` classes (of 2+ images) out of training as a leave-one-out validation benchmark."""
-    if n_classes <= 0:
-        return train, None
-    counts = train.class_counts()
-    eligible = np.flatnonzero(counts >= 2)
-    if len(eligible) <= n_classes:
-        raise ValueError(f"val_classes={n_classes}: the train set has only {len(eligible)} classes of 2+ images")
-    held = np.random.default_rng([seed, 31]).choice(eligible, size=n_classes, replace=False)
-    is_held = np.isin(train.labels, held)
-    keep = np.flatnonzero(~is_held)
-    rest = from_labelled(train.name, [train.ids[i] for i in keep], [train.paths[i] for i in keep],
-                         [train.classes[train.labels[i]] for i in keep],
-                         None if train.sizes is None else train.sizes[keep])
-    rows = np.flatnonzero(is_held)
-    images = ImageList([train.ids[i] for i in rows], [train.paths[i] for i in rows])
-    labels = train.labels[rows].tolist()
-    val = RetrievalDataset(f"{train.name}-heldout{n_classes}", images, images,
-                           gnd_from_labels(labels, labels, images.ids, images.ids))
-    return rest, val
-
-
 class _TrainStep(nn.Module):
     """embedding → margin head, one module so DDP sees every trained parameter in one forward."""
 
@@ -233,22 +213,6 @@ def head_spec(params: dict[str, Any], n_classes: int, class_counts: np.ndarray) 
     if name == "adacos":
         spec.update(dynamic=params.get("adacos_dynamic"), theta_zero=params.get("theta_zero"))
     return {k: v for k, v in spec.items() if v is not None}
-
-
-def backbone_blocks(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """``(stem, blocks)`` of a timm backbone in forward order, for ``frozen_blocks``: EfficientNets and
-    ViTs have ``blocks``, ConvNeXts ``stages``, ResNets ``layer1..4``; the stem is what comes before."""
-    children = list(backbone.named_children())
-    for attr in ("blocks", "stages", "layers"):
-        seq = getattr(backbone, attr, None)
-        if isinstance(seq, nn.Sequential | nn.ModuleList):
-            names = [n for n, _ in children]
-            return [m for _, m in children[: names.index(attr)]], list(seq)
-    names = [n for n, _ in children]
-    if all(f"layer{i}" in names for i in range(1, 5)):
-        first = names.index("layer1")
-        return [m for _, m in children[:first]], [getattr(backbone, f"layer{i}") for i in range(1, 5)]
-    raise ValueError(f"frozen_blocks: cannot find the block sequence of {type(backbone).__name__}")
 
 
 class Trainer:
@@ -463,7 +427,7 @@ class Trainer:
             if self.cuda and self.params.get("channels_last", True):
                 x = x.contiguous(memory_format=torch.channels_last)
             boundary = (self.batch + 1) % self.accumulate == 0 or self.batch + 1 == n_batches
-            sync = model.no_sync() if (self.rk.world > 1 and not boundary) else _nullcontext()
+            sync = model.no_sync() if (self.rk.world > 1 and not boundary) else contextlib.nullcontext()
             with sync:
                 with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
                     logits = model(x, y)
@@ -608,11 +572,3 @@ class Trainer:
             rows = [{"index": i, "id": self.train_set.ids[i], "path": str(self.train_set.paths[i]), "reason": r}
                     for i, r in sorted(merged.items())]
             write_csv_rows(self.out / SKIPPED_CSV, rows)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN_PARAMS, write_labelled_folder
-from retrieval.data.trainset import load_train_set
+from retrieval.data.trainset import heldout_split, load_train_set
 from retrieval.models import load_checkpoint
-from retrieval.train import final_checkpoint, head_spec, heldout_split, train
+from retrieval.train import final_checkpoint, head_spec, train
 from retrieval.train_state import load_training_checkpoint, rng_state, set_rng_state
 
 
@@ -210,7 +210,7 @@ def test_final_checkpoint_without_epochs(tmp_path):
 def test_backbone_blocks(arch, stem, blocks):
     import timm
 
-    from retrieval.train import backbone_blocks
+    from retrieval.models.backbones import backbone_blocks
 
     s, b = backbone_blocks(timm.create_model(arch, pretrained=False, num_classes=0))
     assert (len(s), len(b)) == (stem, blocks)

