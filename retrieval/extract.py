@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -34,6 +35,7 @@ from retrieval.data.images import ImageListDataset, collate_items
 from retrieval.features import FeatureWriter, check_schema, merge_features, read_skipped
 from retrieval.models.net import RetrievalNet
 from retrieval.models.pooling import l2n
+from retrieval.processes import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +258,11 @@ def _extract_blocks(rank: int, make_net: Callable[[], RetrievalNet], images: Ima
                          device=devices[rank], progress=progress, **kwargs)
 
 
+def _spawned_blocks(rank: int, *args: Any) -> None:
+    die_with_parent()
+    _extract_blocks(rank, *args)
+
+
 def extract_on_devices(make_net: Callable[[], RetrievalNet], images: ImageList, out_path: str | os.PathLike,
                        devices: Sequence[str | torch.device], *, n_blocks: int | None = None,
                        block_id: int | None = None, **kwargs) -> Path:
@@ -289,7 +296,7 @@ def extract_on_devices(make_net: Callable[[], RetrievalNet], images: ImageList, 
         _extract_blocks(0, lambda: net, images, workers, blocks, n_blocks, out_path, dict(kwargs))
     else:
         torch.multiprocessing.start_processes(
-            _extract_blocks, args=(make_net, images, workers, blocks, n_blocks, out_path, dict(kwargs)),
+            _spawned_blocks, args=(make_net, images, workers, blocks, n_blocks, out_path, dict(kwargs)),
             nprocs=len(workers), join=True, start_method="spawn")
     if block_id is not None:
         return shard_path(out_path, block_id, n_blocks)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.experiment import JOB_DONE, PARAMS_JSON, Experiment, setting_name
+from retrieval.processes import die_with_parent
 from retrieval.report import write_json
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,8 @@ def run_sweep(exp: Experiment, space: Sequence[dict], script: Path, devices: Seq
             cmd = job_command(script, exp, group_args, name, out, slot)
             logger.info("tuning: %s on devices %s (log: %s)", name, slot, out / "job.out")
             with (out / "job.out").open("a", encoding="utf-8") as log:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(len(slots))).returncode
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(len(slots)),
+                                    preexec_fn=die_with_parent).returncode
             with lock:
                 status["done" if rc == 0 and (out / JOB_DONE).is_file() else "failed"].append(name)
             if rc != 0:

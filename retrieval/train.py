@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import resource
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from retrieval.models.backbones import backbone_blocks
 from retrieval.models.heads import SoftmaxHead
 from retrieval.models.net import RetrievalNet, create_model
 from retrieval.optim import CosineSchedule, Stage, create_optimizer, stage_of, training_stages
+from retrieval.processes import die_with_parent, free_port
 from retrieval.report import plot_training, write_csv_rows
 from retrieval.train_state import (
     link_latest,
@@ -86,12 +86,6 @@ class Rank:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train(params: dict[str, Any], out_dir: str | os.PathLike, devices: Sequence[torch.device | str] = ("cpu",),
           resume: str | os.PathLike | None = None) -> Path:
     """Train with ``params`` into ``out_dir``; returns the checkpoint to use (``best.pth`` or the last epoch).
@@ -112,7 +106,7 @@ def train(params: dict[str, Any], out_dir: str | os.PathLike, devices: Sequence[
         _run_rank(0, 1, devs[0], params, str(out_dir), str(resume) if resume else None, distributed_env=False)
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
         torch.multiprocessing.start_processes(
             _spawned_rank, args=(len(devs), devs, params, str(out_dir), str(resume) if resume else None),
             nprocs=len(devs), join=True, start_method="spawn")
@@ -132,6 +126,7 @@ def final_checkpoint(out_dir: str | os.PathLike) -> Path:
 
 def _spawned_rank(rank: int, world: int, devices: list[str], params: dict, out_dir: str,
                   resume: str | None) -> None:
+    die_with_parent()
     _run_rank(rank, world, devices[rank], params, out_dir, resume, distributed_env=True)
 
 
