@@ -154,10 +154,12 @@ def run_job(exp: Experiment, devices: Sequence[torch.device | str], setting: str
     setting = setting or exp.setting()
     out = exp.out_root / setting
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / PARAMS_JSON, exp.params)
+    main_rank = int(os.environ.get("RANK", 0)) == 0  # under torchrun every rank runs this
+    if main_rank:
+        write_json(out / PARAMS_JSON, exp.params)
     t0 = time.perf_counter()
     checkpoint = train(exp.params, out, devices, resume)
-    if int(os.environ.get("RANK", 0)) != 0:
+    if not main_rank:
         return None
     ms = bool(exp.params.get("eval_ms", True))
     methods = list(exp.params.get("eval_rerank", ["none"]))

@@ -191,3 +191,20 @@ def test_launch_slurm_runs_blocks_through_submitit(tiny, tmp_path):
     run(exp, "--out-root", root, "multigpu-predict", "-n", "2", "--splits", "query")
     ids, feats, attrs = read_features(root / "pretrained" / "features" / "data" / "query_ss.h5")
     assert len(ids) == 3 and attrs["shards"] == 2
+
+
+@pytest.mark.slow
+def test_job_under_torchrun_equals_job_with_two_devices(tiny, tmp_path):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK and the same job runs as one of its ranks."""
+    import torch
+
+    exp, _, _ = tiny
+    run(exp, "--out-root", tmp_path / "spawned", "job", "-d", "0,1")
+    run("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", exp, "--out-root",
+        tmp_path / "torchrun", "job")
+    a = torch.load(tmp_path / "spawned" / "default" / "ep1.pth", weights_only=True)
+    b = torch.load(tmp_path / "torchrun" / "default" / "ep1.pth", weights_only=True)
+    assert a["train_state"]["world_size"] == b["train_state"]["world_size"] == 2
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert (tmp_path / "torchrun" / "default" / "job.json").is_file()
+    assert len(_results(tmp_path / "torchrun")) == 1  # rank 0 alone evaluated
