@@ -23,7 +23,7 @@ run v1 evaluate --ms --rerank none,aqe,adba+aqe > /dev/null
 pretrained=$(( $(date +%s) - start ))
 
 # v2: train, then multi-scale evaluation with its best checkpoint (the job's eval_rerank), then single-scale
-ckpt=$(run v2 job ${DEVICE:+-d "$DEVICE"} | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["checkpoint"])')
+ckpt=$(run v2 --set eval_rerank='["none","aqe","adba+aqe"]' job ${DEVICE:+-d "$DEVICE"} | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["checkpoint"])')
 run v2 predict -m "$ckpt" ${DEVICE:+-d "$DEVICE"} > /dev/null
 run v2 evaluate -m "$ckpt" --rerank none > /dev/null
 

@@ -39,7 +39,7 @@ JOB_DONE = "job.json"
 PARAMS_JSON = "params.json"
 # keys that say where things are, how fast they run or how the result is evaluated, not what is trained:
 # not part of a setting's name
-UNNAMED_KEYS = (*RUNTIME_KEYS, "tuning_params", "eval_ms", "eval_rerank", "html_queries")
+UNNAMED_KEYS = (*RUNTIME_KEYS, "tuning_params")
 
 
 def setting_name(overrides: dict[str, Any]) -> str:
@@ -66,8 +66,9 @@ class Experiment:
         return {k: v for k, v in self.params.items()
                 if k not in UNNAMED_KEYS and (k not in self.defaults or self.defaults[k] != v)}
 
-    def setting(self) -> str:
-        return setting_name(self.overrides())
+    def setting(self, extra: dict[str, Any] | None = None) -> str:
+        """The setting of these params, with ``extra`` (a sweep candidate) on top."""
+        return setting_name({**self.overrides(), **(extra or {})})
 
     def setting_dir(self, checkpoint: Path | None) -> Path:
         if checkpoint is None:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from retrieval.experiment import JOB_DONE, PARAMS_JSON, Experiment, setting_name
+from retrieval.experiment import JOB_DONE, PARAMS_JSON, Experiment
 from retrieval.processes import die_with_parent
 from retrieval.report import write_json
 
@@ -56,7 +56,7 @@ def prepare_settings(exp: Experiment, space: Sequence[dict], mode: str = "grid",
     todo: list[tuple[str, Path]] = []
     done: list[str] = []
     for cand in candidates(space, mode, n_trials, int(exp.params.get("seed", 0))):
-        name = setting_name(cand)
+        name = exp.setting(cand)  # --set overrides are part of the name: another sweep, other folders
         out = exp.out_root / name
         if (out / JOB_DONE).is_file():
             done.append(name)

@@ -70,7 +70,8 @@ TRAIN_LOG_CSV = "train_log.csv"
 TRAIN_LOG = "train.log"
 SKIPPED_CSV = "train_skipped.csv"
 # params that do not change what is trained: a resumed run may differ in them
-RUNTIME_KEYS = ("num_workers", "batch_size_eval", "save_every_steps", "progress", "data_root", "out_root")
+RUNTIME_KEYS = ("num_workers", "batch_size_eval", "save_every_steps", "progress", "data_root", "out_root",
+                "eval_ms", "eval_rerank", "html_queries")
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,7 @@ class Trainer:
         val: RetrievalDataset | None = None
         spec = p.get("val_dataset")
         if spec == "heldout":
-            train, val = heldout_split(train, int(p.get("val_classes", 10)), self.seed)
+            train, val = heldout_split(train, float(p.get("val_classes", 10)), self.seed)
         elif spec:
             from retrieval.data import load_dataset
 

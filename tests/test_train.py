@@ -179,6 +179,7 @@ def test_heldout_split_is_disjoint_by_class(tmp_path):
     assert all(len(g["easy"]) == 2 and len(g["junk"]) == 1 for g in val.gnd)  # leave-one-out
     with pytest.raises(ValueError, match="val_classes=6"):
         heldout_split(ts, 6, seed=0)
+    assert len({i.split("_")[0] for i in heldout_split(ts, 0.34, seed=0)[1].queries.ids}) == 2  # a fraction
 
 
 def test_head_spec_maps_landmark2019_params():

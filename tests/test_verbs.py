@@ -208,3 +208,22 @@ def test_job_under_torchrun_equals_job_with_two_devices(tiny, tmp_path):
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert (tmp_path / "torchrun" / "default" / "job.json").is_file()
     assert len(_results(tmp_path / "torchrun")) == 1  # rank 0 alone evaluated
+
+
+def test_sweep_settings_are_named_by_overrides_and_candidate(tmp_path):
+    from retrieval.experiment import Experiment
+    from retrieval.sweep import candidates, device_slots, prepare_settings
+
+    defaults = {"margin": 0.3, "epochs": 3, "num_workers": 2}
+    exp = Experiment("x", {**defaults, "epochs": 1, "num_workers": 0}, tmp_path, defaults)
+    todo, done = prepare_settings(exp, [{"margin": [0.2, 0.4]}])
+    assert [name for name, _ in todo] == ["epochs-1_margin-0.2", "epochs-1_margin-0.4"] and not done
+    params = json.loads((tmp_path / "epochs-1_margin-0.4" / "params.json").read_text())
+    assert params["margin"] == 0.4 and params["epochs"] == 1 and params["tuning_params"] == ["margin"]
+    (tmp_path / "epochs-1_margin-0.2" / "job.json").write_text("{}")
+    todo, done = prepare_settings(exp, [{"margin": [0.2, 0.4]}])
+    assert done == ["epochs-1_margin-0.2"] and [n for n, _ in todo] == ["epochs-1_margin-0.4"]
+    assert len(candidates([{"a": [1, 2, 3], "b": [0, 1]}], "random", n_trials=4, seed=0)) == 4
+    assert device_slots(["0", "1", "2", "3"], 2) == ["0,1", "2,3"]
+    with pytest.raises(ValueError, match="--n-gpu"):
+        device_slots(["0"], 2)

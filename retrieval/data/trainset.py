@@ -159,12 +159,18 @@ def load_train_set(spec: str, data_root: str | os.PathLike = "data", *, syntheti
                      "clean:<csv> or a CSV path")
 
 
-def heldout_split(train: TrainSet, n_classes: int, seed: int) -> tuple[TrainSet, RetrievalDataset | None]:
-    """Hold ``n_classes`` classes (of 2+ images) out of training as a leave-one-out validation benchmark."""
+def heldout_split(train: TrainSet, n_classes: float, seed: int) -> tuple[TrainSet, RetrievalDataset | None]:
+    """Hold classes (of 2+ images) out of training as a leave-one-out validation benchmark.
+
+    ``n_classes``: how many (an integer ≥ 1), or a fraction of the eligible classes (0 < f < 1, at least one).
+    """
     if n_classes <= 0:
         return train, None
     counts = train.class_counts()
     eligible = np.flatnonzero(counts >= 2)
+    if n_classes < 1:
+        n_classes = max(1, round(n_classes * len(eligible)))
+    n_classes = int(n_classes)
     if len(eligible) <= n_classes:
         raise ValueError(f"val_classes={n_classes}: the train set has only {len(eligible)} classes of 2+ images")
     held = np.random.default_rng([seed, 31]).choice(eligible, size=n_classes, replace=False)
