@@ -164,7 +164,10 @@ def run_job(exp: Experiment, devices: Sequence[torch.device | str], setting: str
         return None
     ms = bool(exp.params.get("eval_ms", True))
     methods = list(exp.params.get("eval_rerank", ["none"]))
-    predict(exp, checkpoint, ms, ("query", "db"), devices[:1],
+    if "RANK" in os.environ:  # torchrun: -d is not used; extract on this rank's GPU
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        devices = [torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")]
+    predict(exp, checkpoint, ms, ("query", "db"), devices,  # spread over the job's devices (multigpu-predict)
             int(exp.params.get("batch_size_eval") or exp.params.get("batch_size", 32)))
     results = evaluate(exp, checkpoint, ms, methods)
     record = {"setting": setting, "checkpoint": str(checkpoint), "seconds": round(time.perf_counter() - t0, 1),
