@@ -89,9 +89,6 @@ class Experiment:
             return functools.partial(load_checkpoint, checkpoint)
         return functools.partial(_seeded_model, int(self.params.get("seed", 0)), self.params)
 
-    def load_net(self, checkpoint: Path | None) -> RetrievalNet:
-        return self.make_net(checkpoint)()
-
     def dataset(self) -> RetrievalDataset:
         p = self.params
         return load_dataset(p["dataset"], p.get("data_root", "data"), p.get("synthetic_size", "default"),

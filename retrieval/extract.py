@@ -82,6 +82,14 @@ def job_signature(images: ImageList, settings: dict) -> str:
     return h.hexdigest()
 
 
+def features_signature(net: RetrievalNet, images: ImageList, image_size: int, scales: tuple[float, ...],
+                       resize: str, dtype: str) -> str:
+    """The job signature of extracting ``images`` with ``net`` (its meta and weights) and these settings."""
+    settings = {"meta": net.meta, "weights": weights_digest(net), "image_size": image_size, "scales": scales,
+                "resize": resize, "dtype": dtype}
+    return job_signature(images, settings)
+
+
 def _complete_with_signature(path: Path, signature: str) -> bool:
     if not path.is_file():
         return False
@@ -142,9 +150,7 @@ def extract_features(net: RetrievalNet, images: ImageList, out_path: str | os.Pa
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     scales = tuple(float(s) for s in scales)
-    settings = {"meta": net.meta, "weights": weights_digest(net), "image_size": image_size, "scales": scales,
-                "resize": resize, "dtype": dtype}
-    signature = job_signature(images, settings)
+    signature = features_signature(net, images, image_size, scales, resize, dtype)
     if _complete_with_signature(out_path, signature):
         logger.info("%s: already complete, nothing to do", out_path)
         return out_path
@@ -283,10 +289,9 @@ def extract_on_devices(make_net: Callable[[], RetrievalNet], images: ImageList, 
     if n_blocks == 1 and len(devs) == 1:
         return extract_features(make_net(), images, out_path, device=devs[0], **kwargs)
     net = make_net()
-    scales = tuple(float(s) for s in kwargs.get("scales", (1.0,)))
-    settings = {"meta": net.meta, "weights": weights_digest(net), "image_size": kwargs.get("image_size", 512),
-                "scales": scales, "resize": kwargs.get("resize", "long"), "dtype": kwargs.get("dtype", "float32")}
-    signature = job_signature(images, settings)
+    signature = features_signature(net, images, kwargs.get("image_size", 512),
+                                   tuple(float(s) for s in kwargs.get("scales", (1.0,))),
+                                   kwargs.get("resize", "long"), kwargs.get("dtype", "float32"))
     if _complete_with_signature(out_path, signature):
         logger.info("%s: already complete, nothing to do", out_path)
         return out_path
