@@ -19,15 +19,15 @@ from retrieval.experiment import Experiment
 from retrieval.sweep import job_command, prepare_settings
 
 
-def _pop_option(args: list[str], names: Sequence[str], flag: bool = False) -> tuple[str | bool | None, list[str]]:
-    """Remove ``--name VALUE`` / ``--name=VALUE`` (or a flag) from ``args``; returns (value, rest)."""
+def _pop_option(args: list[str], names: Sequence[str]) -> tuple[str | None, list[str]]:
+    """Remove ``--name VALUE`` / ``--name=VALUE`` from ``args``; returns (value, rest)."""
     rest, value = [], None
     it = iter(args)
     for a in it:
         name, eq, inline = a.partition("=")
         if name in names:
-            value = True if flag else (inline if eq else next(it, None))
-            if not flag and value is None:
+            value = inline if eq else next(it, None)
+            if value is None:
                 raise ValueError(f"{a}: missing value")
         else:
             rest.append(a)
