@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from retrieval.data.dataset import RetrievalDataset
 from retrieval.features import read_features
 from retrieval.metrics import revisitop_map
 from retrieval.report import append_results_csv, summary_row, write_json, write_ranked_html
-from retrieval.rerank import rerank_search
+from retrieval.rerank import RerankContext, rerank_search
 from retrieval.search import write_ranks
 
 logger = logging.getLogger(__name__)
@@ -38,17 +39,19 @@ def align_features(ids: Sequence[str], wanted: Sequence[str]) -> tuple[np.ndarra
 
 def rank_dataset(q_feats: np.ndarray, q_ok: np.ndarray, db_feats: np.ndarray, db_ok: np.ndarray,
                  method: str = "none", k: int | None = None, *, qe_n: int = 2, dba_n: int = 2,
-                 alpha: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+                 alpha: float = 3.0, context: RerankContext | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rank the database for every query: ``(ranks, scores)`` indexed by dataset query / db rows.
 
     ``q_feats`` / ``db_feats`` hold the rows of the present images only (``q_ok`` / ``db_ok``
-    mark which dataset rows they are). Queries without features rank nothing (-1, AP 0).
+    mark which dataset rows they are), and so do the image lists of ``context``. Queries without
+    features rank nothing (-1, AP 0).
     """
     if not db_ok.any():
         raise ValueError("no database image has features")
     db_index = np.flatnonzero(db_ok)  # dataset db row of each searchable row
     k = int(k or len(db_index))
-    scores_q, ranks_q = rerank_search(method, q_feats, db_feats, k, qe_n=qe_n, dba_n=dba_n, alpha=alpha)
+    scores_q, ranks_q = rerank_search(method, q_feats, db_feats, k, qe_n=qe_n, dba_n=dba_n, alpha=alpha,
+                                      context=context)
     ranks = np.full((len(q_ok), ranks_q.shape[1]), -1, dtype=np.int64)
     scores = np.full(ranks.shape, np.nan, dtype=np.float32)
     ranks[q_ok] = np.where(ranks_q >= 0, db_index[ranks_q], -1)
@@ -72,23 +75,31 @@ def evaluate_features(ds: RetrievalDataset, query_features: str | os.PathLike, d
                       methods: Sequence[str], out_root: str | os.PathLike, *, feature_kind: str,
                       experiment: str, setting: str, results_csv: str | os.PathLike,
                       params: dict[str, Any] | None = None, checkpoint: str | None = None,
-                      html_queries: int = 10) -> list[dict[str, Any]]:
+                      html_queries: int = 10, context: RerankContext | None = None) -> list[dict[str, Any]]:
     """Evaluate one features pair with each re-ranking method.
 
     For each method writes ``<out_root>/<dataset>_<feature_kind>_<method>/{ranks.h5, results.json,
-    ranked.html}`` and appends a row to ``results_csv``; returns the results dicts.
+    ranked.html}`` and appends a row to ``results_csv``; returns the results dicts. ``context``
+    carries what ranking steps need beyond the vectors (train labels, a cache folder); the
+    image lists of the searched rows are filled in here.
     """
     params = params or {}
     q_ids, q_feats, _ = read_features(query_features)
     db_ids, db_feats, _ = read_features(db_features)
     q_rows, q_ok = align_features(q_ids, ds.queries.ids)
     db_rows, db_ok = align_features(db_ids, ds.db.ids)
+    q_present, db_present = np.flatnonzero(q_ok), np.flatnonzero(db_ok)
+    context = replace(context or RerankContext(params=params),
+                      query_ids=[ds.queries.ids[i] for i in q_present],
+                      query_paths=[ds.queries.paths[i] for i in q_present],
+                      db_ids=[ds.db.ids[i] for i in db_present], db_paths=[ds.db.paths[i] for i in db_present])
     results = []
     for method in methods:
         t0 = time.perf_counter()
         ranks, scores = rank_dataset(q_feats[q_rows[q_ok]], q_ok, db_feats[db_rows[db_ok]], db_ok, method,
                                      params.get("topk"), qe_n=int(params.get("qe_n", 2)),
-                                     dba_n=int(params.get("dba_n", 2)), alpha=float(params.get("alpha", 3.0)))
+                                     dba_n=int(params.get("dba_n", 2)), alpha=float(params.get("alpha", 3.0)),
+                                     context=context)
         seconds = time.perf_counter() - t0
         out_dir = Path(out_root) / f"{ds.name}_{feature_kind}_{method}"
         write_ranks(out_dir / "ranks.h5", ds.queries.ids, ds.db.ids, ranks, scores)
@@ -96,7 +107,8 @@ def evaluate_features(ds: RetrievalDataset, query_features: str | os.PathLike, d
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "experiment": experiment, "setting": setting,
             "dataset": ds.name, "features": feature_kind, "rerank": method, "n_queries": len(ds.queries),
             "n_db": len(ds.db), "n_queries_missing": int((~q_ok).sum()), "n_db_missing": int((~db_ok).sum()),
-            "search_seconds": round(seconds, 4), "checkpoint": checkpoint, "params": params,
+            "search_seconds": round(seconds, 4),
+            "seconds_per_query": round(seconds / max(len(q_present), 1), 6), "checkpoint": checkpoint, "params": params,
         }
         if ds.gnd:
             metrics = revisitop_map(ranks, ds.gnd)

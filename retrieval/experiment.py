@@ -6,7 +6,9 @@ Layout under ``out_root`` (``experiments/<name>/`` beside the experiment file)::
     pretrained/                                   the untrained net of params
     <setting>/params.json, train.log, train_log.csv, train_plot.png, epN.pth, last.pth, best.pth, job.json
     <setting>/<ckpt stem>/features/<dataset>/<split>_<ss|ms>.h5 (+ skipped.csv, extract.log)
+    <setting>/<ckpt stem>/features/<label set>/train_<ss|ms>.h5   the labelled set l2019 votes against
     <setting>/<ckpt stem>/eval/<dataset>_<ss|ms>_<rerank>/{results.json, ranks.h5, ranked.html}
+    <setting>/<ckpt stem>/local/<dataset>/     sv's local features and verified pairs (retrieval.verify)
 
 ``<setting>`` names a training run by the params it changes from the experiment file's
 (``loss-cosface_margin-0.4``, Landmark2019's habit), ``default`` when none.
@@ -24,13 +26,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from retrieval.data import RetrievalDataset, load_dataset
+from retrieval.data import ImageList, RetrievalDataset, load_dataset
+from retrieval.data.trainset import TrainSet, load_train_set
 from retrieval.evaluate import evaluate_features
 from retrieval.extract import MULTI_SCALES, extract_on_devices
+from retrieval.features import read_features
 from retrieval.models import RetrievalNet, create_model, load_checkpoint
 from retrieval.report import write_json
+from retrieval.rerank import RerankContext, needs_labels
 from retrieval.train import RUNTIME_KEYS, train
 
 logger = logging.getLogger(__name__)
@@ -94,6 +100,21 @@ class Experiment:
         return load_dataset(p["dataset"], p.get("data_root", "data"), p.get("synthetic_size", "default"),
                             int(p.get("seed", 0)))
 
+    def label_set(self) -> TrainSet:
+        """The labelled images l2019 votes against: ``label_data``, else the train set (``train_set``)."""
+        p = self.params
+        return load_train_set(p.get("label_data") or p.get("train_set", "synthetic"), p.get("data_root", "data"),
+                              synthetic_size=p.get("synthetic_size", "default"), seed=int(p.get("seed", 0)),
+                              gldv2_root=p.get("gldv2_root"))
+
+    def split_images(self, split: str) -> tuple[str, ImageList]:
+        """``(folder, images)`` of a predict split: the dataset's query / db, or ``train`` (the label set)."""
+        if split == "train":
+            labels = self.label_set()
+            return labels.name, ImageList(labels.ids, labels.paths)
+        ds = self.dataset()
+        return ds.name, ds.split(split)
+
 
 def _seeded_model(seed: int, params: dict[str, Any]) -> RetrievalNet:
     """`create_model` with the torch RNG seeded: randomly initialised parts are the same in every process."""
@@ -109,16 +130,17 @@ def features_path(setting_dir: Path, dataset: str, split: str, ms: bool) -> Path
 def predict(exp: Experiment, checkpoint: Path | None, ms: bool, splits: Sequence[str],
             devices: Sequence[torch.device | str], batch_size: int, n_blocks: int | None = None,
             block_id: int | None = None) -> list[Path]:
-    """Extract features of the dataset's ``splits``, spread over ``devices`` and ``n_blocks`` blocks
-    (`retrieval.extract.extract_on_devices`); returns the files (the block's shards with ``block_id``)."""
+    """Extract features of the dataset's ``splits`` (and ``train``: the label set), spread over ``devices``
+    and ``n_blocks`` blocks (`retrieval.extract.extract_on_devices`); returns the files (the block's
+    shards with ``block_id``)."""
     p = exp.params
-    ds = exp.dataset()
     scales = tuple(p.get("scales", MULTI_SCALES)) if ms else (1.0,)
     make_net = exp.make_net(checkpoint)
     out = []
     for split in splits:
-        path = features_path(exp.setting_dir(checkpoint), ds.name, split, ms)
-        out.append(extract_on_devices(make_net, ds.split(split), path, devices, n_blocks=n_blocks,
+        folder, images = exp.split_images(split)
+        path = features_path(exp.setting_dir(checkpoint), folder, split, ms)
+        out.append(extract_on_devices(make_net, images, path, devices, n_blocks=n_blocks,
                                       block_id=block_id, image_size=int(p.get("image_size", 512)), scales=scales,
                                       resize=p.get("resize", "long"), batch_size=batch_size,
                                       num_workers=int(p.get("num_workers", 0))))
@@ -135,11 +157,27 @@ def evaluate(exp: Experiment, checkpoint: Path | None, ms: bool, methods: Sequen
         if not path.is_file():
             flags = f"{' -m ' + str(checkpoint) if checkpoint else ''}{' --ms' if ms else ''}"
             raise FileNotFoundError(f"{path}: features not found; run `predict{flags}` first")
+    context = RerankContext(params=exp.params, cache_dir=setting_dir / "local" / ds.name,
+                            device=str(exp.params.get("sv_device", "cpu")))
+    if any(needs_labels(m) for m in methods):
+        context.train_features, context.train_labels = label_features(exp, checkpoint, ms)
     return evaluate_features(ds, paths["query"], paths["db"], methods, setting_dir / "eval",
                              feature_kind="ms" if ms else "ss", experiment=exp.name,
                              setting=exp.setting_label(checkpoint), results_csv=exp.out_root / "results.csv",
                              params=exp.params, checkpoint=str(checkpoint) if checkpoint else None,
-                             html_queries=html_queries)
+                             html_queries=html_queries, context=context)
+
+
+def label_features(exp: Experiment, checkpoint: Path | None, ms: bool) -> tuple:
+    """``(features, landmark ids)`` of the label set's images that ``predict --splits train`` described."""
+    labels = exp.label_set()
+    path = features_path(exp.setting_dir(checkpoint), labels.name, "train", ms)
+    if not path.is_file():
+        flags = f"{' -m ' + str(checkpoint) if checkpoint else ''}{' --ms' if ms else ''}"
+        raise FileNotFoundError(f"{path}: label-set features not found; run `predict --splits train{flags}` first")
+    ids, feats, _ = read_features(path)
+    landmark_of = {i: labels.classes[c] for i, c in zip(labels.ids, labels.labels, strict=True)}
+    return feats, np.asarray([landmark_of[i] for i in ids])
 
 
 def run_job(exp: Experiment, devices: Sequence[torch.device | str], setting: str | None = None,
@@ -164,7 +202,8 @@ def run_job(exp: Experiment, devices: Sequence[torch.device | str], setting: str
     if "RANK" in os.environ:  # torchrun: -d is not used; extract on this rank's GPU
         local = int(os.environ.get("LOCAL_RANK", 0))
         devices = [torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")]
-    predict(exp, checkpoint, ms, ("query", "db"), devices,  # spread over the job's devices (multigpu-predict)
+    splits = ("query", "db", "train") if any(needs_labels(m) for m in methods) else ("query", "db")
+    predict(exp, checkpoint, ms, splits, devices,  # spread over the job's devices (multigpu-predict)
             int(exp.params.get("batch_size_eval") or exp.params.get("batch_size", 32)))
     results = evaluate(exp, checkpoint, ms, methods)
     record = {"setting": setting, "checkpoint": str(checkpoint), "seconds": round(time.perf_counter() - t0, 1),

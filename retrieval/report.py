@@ -27,6 +27,9 @@ from retrieval.data.images import ImageLoadError, load_image
 PROTOCOLS = ("easy", "medium", "hard")
 # Columns that identify a setting; later rows of the same setting replace earlier ones in a table.
 KEY_COLUMNS = ("experiment", "setting", "dataset", "features", "rerank")
+# how re-ranking steps are printed in tables
+STEP_LABELS = {"qe": "AQE", "aqe": "αQE", "adba": "αDBA", "diffusion": "diffusion", "kreciprocal": "k-reciprocal",
+               "l2019": "L2019 sort+insert", "sv": "SV"}
 
 
 def _write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -60,6 +63,8 @@ def summary_row(results: dict) -> dict[str, Any]:
         m = results.get("metrics", {}).get(proto, {})
         row[f"map_{proto[0]}"] = _pct(m.get("map"))
         row[f"mp10_{proto[0]}"] = _pct(m.get("mp@10"))
+    spq = results.get("seconds_per_query")
+    row["s_per_query"] = "" if spq is None else f"{float(spq):.4g}"
     row["params"] = json.dumps(results.get("params", {}), sort_keys=True, default=str)
     return row
 
@@ -69,7 +74,10 @@ def _pct(v: Any) -> str:
 
 
 def append_results_csv(path: str | os.PathLike, row: dict[str, Any]) -> Path:
-    """Append ``row`` under a file lock (parallel jobs share one CSV); the header is written once."""
+    """Append ``row`` under a file lock (parallel jobs share one CSV); the header is written once.
+
+    A file written by an older version with other columns is rewritten with the union of both.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -78,7 +86,8 @@ def append_results_csv(path: str | os.PathLike, row: dict[str, Any]) -> Path:
             with path.open(newline="", encoding="utf-8") as f:
                 header = next(csv.reader(f), [])
             if header != list(row):
-                raise ValueError(f"{path}: existing header {header} differs from {list(row)}")
+                write_csv_rows(path, [*read_results_csv(path), row])
+                return path
         with path.open("a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
             if new:
@@ -103,10 +112,10 @@ def latest_rows(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table: method, mAP E/M/H, mP@10 E/M/H (percent)."""
-    head = ["dataset", "method", "mAP E", "mAP M", "mAP H", "mP@10 E", "mP@10 M", "mP@10 H"]
+    """A plain-text table: method, mAP E/M/H, mP@10 E/M/H (percent), seconds per query."""
+    head = ["dataset", "method", "mAP E", "mAP M", "mAP H", "mP@10 E", "mP@10 M", "mP@10 H", "s/query"]
     body = [[str(r.get("dataset", "")), method_label(r), *(str(r.get(f"map_{p[0]}", "")) for p in PROTOCOLS),
-             *(str(r.get(f"mp10_{p[0]}", "")) for p in PROTOCOLS)] for r in rows]
+             *(str(r.get(f"mp10_{p[0]}", "")) for p in PROTOCOLS), str(r.get("s_per_query", ""))] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
 
     def line(cells: Sequence[str]) -> str:
@@ -123,12 +132,13 @@ def method_label(row: dict[str, Any]) -> str:
         params = json.loads(params) if params else {}
     pooling = {"gem": "GeM", "mac": "MAC", "spoc": "SPoC", "rmac": "R-MAC"}.get(params.get("pooling"), "")
     features = {"ss": "single-scale", "ms": "multi-scale"}.get(row.get("features", ""), row.get("features", ""))
-    rerank = {"none": "", "qe": " + AQE", "aqe": " + αQE", "adba": " + αDBA", "adba+aqe": " + αDBA + αQE"}
     if params.get("fc_dim"):
         pooling += f" + FC{params['fc_dim']}"
     setting = row.get("setting", "")
     prefix = f"{row.get('experiment', '')}/{setting}: ".lstrip("/") if setting and setting != "pretrained" else ""
-    return f"{prefix}{pooling} {features}{rerank.get(row.get('rerank', ''), ' + ' + str(row.get('rerank')))}".strip()
+    steps = [s for s in str(row.get("rerank") or "none").split("+") if s != "none"]
+    rerank = "".join(f" + {STEP_LABELS.get(s, s)}" for s in steps)
+    return f"{prefix}{pooling} {features}{rerank}".strip()
 
 
 def write_csv_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:

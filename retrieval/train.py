@@ -54,6 +54,7 @@ from retrieval.models.net import RetrievalNet, create_model
 from retrieval.optim import CosineSchedule, Stage, create_optimizer, stage_of, training_stages
 from retrieval.processes import die_with_parent, free_port
 from retrieval.report import plot_training, write_csv_rows
+from retrieval.rerank.pipeline import RERANK_PARAMS
 from retrieval.train_state import (
     link_latest,
     load_training_checkpoint,
@@ -71,7 +72,7 @@ TRAIN_LOG = "train.log"
 SKIPPED_CSV = "train_skipped.csv"
 # params that do not change what is trained: a resumed run may differ in them
 RUNTIME_KEYS = ("num_workers", "batch_size_eval", "save_every_steps", "progress", "data_root", "out_root",
-                "eval_ms", "eval_rerank", "html_queries")
+                "eval_ms", "eval_rerank", "html_queries", *RERANK_PARAMS)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@ import json
 import re
 
 import numpy as np
-import pytest
 
 from conftest import write_jpeg
 from retrieval.data import ImageList, RetrievalDataset
@@ -43,8 +42,18 @@ def test_results_csv_appends_and_latest_rows_wins(tmp_path):
     assert len(rows) == 3
     latest = latest_rows(rows)
     assert [(r["rerank"], r["map_h"]) for r in latest] == [("aqe", "25.00"), ("none", "30.00")]
-    with pytest.raises(ValueError, match="existing header"):
-        append_results_csv(path, {"other": 1})
+    # a file of an older version (other columns) is rewritten with the union, nothing lost
+    append_results_csv(path, {**summary_row(result("sv")), "extra": "1"})
+    rows = read_results_csv(path)
+    assert len(rows) == 4 and rows[0]["extra"] == "" and rows[3]["extra"] == "1" and rows[3]["rerank"] == "sv"
+
+
+def test_table_labels_every_step_of_a_chain_and_seconds_per_query():
+    res = {**result("adba+aqe+diffusion+sv", "ms"), "seconds_per_query": 0.01234}
+    row = summary_row(res)
+    assert row["s_per_query"] == "0.01234"
+    table = format_table([row])
+    assert "GeM multi-scale + αDBA + αQE + diffusion + SV" in table and "s/query" in table
 
 
 def test_report_table_cli(tmp_path, capsys):

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 
 from retrieval.rerank import (
-    RERANKERS,
     alpha_database_augmentation,
     alpha_query_expansion,
     average_query_expansion,
+    parse_method,
     rerank_search,
 )
 from retrieval.search import knn
@@ -59,12 +59,12 @@ def test_rerank_pipelines_return_valid_rankings():
     rng = np.random.default_rng(0)
     db = norm(rng.standard_normal((50, 8)))
     q = norm(db[:5] + 0.1 * rng.standard_normal((5, 8)))
-    for method in RERANKERS:
+    for method in ("none", "qe", "aqe", "adba", "adba+aqe"):
         scores, ids = rerank_search(method, q, db, 50)
         assert ids.shape == (5, 50) and all(sorted(r) == list(range(50)) for r in ids), method
         assert (np.diff(scores, axis=1) <= 1e-5).all()
     assert np.array_equal(rerank_search("none", q, db, 10)[1], knn(q, db, 10)[1])
-    with pytest.raises(ValueError, match="unknown re-ranking 'dqe'"):
+    with pytest.raises(ValueError, match="unknown step 'dqe'"):
         rerank_search("dqe", q, db, 10)
 
 
@@ -75,3 +75,22 @@ def test_qe_pulls_up_a_neighbour_of_the_top_result():
     q = norm([[1, 0, 0]])
     assert knn(q, db, 3)[1].tolist() == [[0, 1, 2]]
     assert rerank_search("aqe", q, db, 3, qe_n=1)[1].tolist() == [[0, 2, 1]]
+
+
+def test_chains_parse_vector_steps_first_and_reject_bad_orders():
+    assert parse_method("none") == ([], [])
+    assert parse_method("adba+aqe+diffusion+sv") == (["adba", "aqe"], ["diffusion", "sv"])
+    assert parse_method("l2019+sv") == ([], ["l2019", "sv"])
+    for bad, msg in [("diffusion+aqe", "come before"), ("aqe+adba", "adba comes before"), ("qe+aqe", "one of"),
+                     ("sv+sv", "twice"), ("aqe+foo", "unknown step 'foo'")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_method(bad)
+
+
+def test_ranking_steps_say_what_context_they_miss():
+    rng = np.random.default_rng(0)
+    db = norm(rng.standard_normal((20, 4)))
+    with pytest.raises(ValueError, match="l2019 re-ranking needs a labelled train set"):
+        rerank_search("l2019", db[:2], db, 5)
+    with pytest.raises(ValueError, match="sv re-ranking needs the query and database images"):
+        rerank_search("sv", db[:2], db, 5)

@@ -1,40 +1,27 @@
-"""Re-ranking: query expansion and database augmentation on top of kNN search.
+"""Re-ranking on top of kNN search: query expansion, database augmentation, diffusion,
+k-reciprocal, Landmark2019's label sort/insert and spatial verification.
 
-`rerank_search(method, queries, db, k)` runs a named pipeline and returns ``(scores, ids)``
-like `retrieval.search.knn`:
-
-- ``none``: plain kNN;
-- ``qe``: average query expansion (AQE);
-- ``aqe``: αQE;
-- ``adba``: αDBA on the database, then kNN;
-- ``adba+aqe``: αDBA, then αQE against the augmented database.
+`rerank_search(method, queries, db, k, context=...)` runs a chain such as ``adba+aqe+diffusion``
+(`retrieval.rerank.pipeline`) and returns ``(scores, ids)`` like `retrieval.search.knn`. Each
+method is a function on arrays in its own module: qe.py (AQE, αQE, αDBA), diffusion.py,
+kreciprocal.py, l2019.py, sv.py (over `retrieval.verify`).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
+from retrieval.rerank.pipeline import (
+           RANKING_STEPS,
+           RERANKERS,
+           STEP_PARAMS,
+           VECTOR_STEPS,
+           RerankContext,
+           needs_images,
+           needs_labels,
+           parse_method,
+           rerank_search,
+)
 from retrieval.rerank.qe import alpha_database_augmentation, alpha_query_expansion, average_query_expansion
-from retrieval.search import knn
 
-RERANKERS = ("none", "qe", "aqe", "adba", "adba+aqe")
-
-__all__ = ["RERANKERS", "alpha_database_augmentation", "alpha_query_expansion", "average_query_expansion",
-           "rerank_search"]
-
-
-def rerank_search(method: str, queries: np.ndarray, db: np.ndarray, k: int, *, qe_n: int = 2,
-                  dba_n: int = 2, alpha: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
-    """Search ``db`` for ``queries`` with the re-ranking pipeline ``method`` (see module docstring)."""
-    if method not in RERANKERS:
-        raise ValueError(f"unknown re-ranking {method!r}; choose from {', '.join(RERANKERS)}")
-    if "adba" in method:
-        db = alpha_database_augmentation(db, dba_n, alpha)
-    if method in ("none", "adba") or qe_n <= 0:
-        return knn(queries, db, k)
-    _, ranks = knn(queries, db, max(qe_n, 1))
-    if method == "qe":
-        expanded = average_query_expansion(queries, db, ranks, qe_n)
-    else:
-        expanded = alpha_query_expansion(queries, db, ranks, qe_n, alpha)
-    return knn(expanded, db, k)
+__all__ = ["RANKING_STEPS", "RERANKERS", "STEP_PARAMS", "VECTOR_STEPS", "RerankContext",
+           "alpha_database_augmentation", "alpha_query_expansion", "average_query_expansion", "needs_images",
+           "needs_labels", "parse_method", "rerank_search"]
