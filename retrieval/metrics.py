@@ -8,6 +8,8 @@ Sources of the formulas (each function reproduces the published reference):
   ``MeanAveragePrecision`` in tensorflow/models research/delf/.../google_landmarks_dataset/metrics.py.
 - ``guie_mp_at_k``: Google Universal Image Embedding challenge (Kaggle 2022) mP@5, reference scorer
   ``CalibratedPrecision`` in google-research/google-research universal_embedding_challenge/metrics.py.
+- ``gap``: Google Landmark Recognition 2019/2020 (Kaggle) Global Average Precision (micro-AP, Perronnin et al.,
+  CVPR 2009), reference scorer ``GlobalAveragePrecision`` in the same DELF metrics.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["revisitop_map", "gldv2_map_at_k", "guie_mp_at_k"]
+__all__ = ["revisitop_map", "gldv2_map_at_k", "guie_mp_at_k", "gap"]
 
 _PROTOCOLS = ("easy", "medium", "hard")
 
@@ -198,3 +200,45 @@ def guie_mp_at_k(ranks: np.ndarray, positives: Sequence[Iterable[int]], k: int =
         m = min(pos_arr.size, k)
         total += np.intersect1d(row[:m], pos_arr).size / m
     return total / n_queries if n_queries else float("nan")
+
+
+def _no_landmark(label: Any, non_landmark: Any) -> bool:
+    """None, "", NaN or the ``non_landmark`` sentinel: no landmark (as a truth) or no prediction."""
+    if label is None or (isinstance(label, str) and not label):
+        return True
+    if isinstance(label, (float, np.floating)) and np.isnan(label):
+        return True
+    return non_landmark is not None and label == non_landmark
+
+
+def gap(pred_labels: Sequence[Any], confidences: Sequence[float], true_labels: Sequence[Any], *,
+        non_landmark: Any = None) -> float:
+    """Google Landmark Recognition Global Average Precision (micro-AP over all queries).
+
+    GAP = 1/M sum_{i<=N} P(i) rel(i): the N predictions of all queries sorted by confidence,
+    descending; P(i) = precision of the first i predictions; rel(i) = 1 when prediction i is the
+    query's true landmark; M = number of queries whose true label is a landmark. Tied confidences
+    keep input order (the reference breaks ties by test id: pass queries sorted by id to match it).
+
+    A label that is None, "", NaN or equal to ``non_landmark`` means "no landmark": as a true label
+    the query is left out of M, and any prediction for it counts as wrong in the ranking; as a
+    predicted label it means no prediction (left out of the ranking, its confidence ignored).
+    Returns NaN if no query has a landmark.
+    """
+    pred, true = list(pred_labels), list(true_labels)
+    conf = np.asarray(confidences, dtype=np.float64).reshape(-1)
+    if not len(pred) == len(conf) == len(true):
+        raise ValueError(f"gap: {len(pred)} predictions, {len(conf)} confidences and {len(true)} true labels; "
+                         "expected one of each per query")
+    is_landmark = [not _no_landmark(t, non_landmark) for t in true]
+    n_landmarks = sum(is_landmark)
+    if n_landmarks == 0:
+        return float("nan")
+    predicted = np.array([not _no_landmark(p, non_landmark) for p in pred], dtype=bool)
+    idx = np.flatnonzero(predicted)
+    if np.isnan(conf[idx]).any():
+        raise ValueError("gap: a prediction has a NaN confidence")
+    order = idx[np.argsort(-conf[idx], kind="stable")]
+    rel = np.array([is_landmark[i] and pred[i] == true[i] for i in order], dtype=np.float64)
+    precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
+    return float(np.sum(precision * rel) / n_landmarks)

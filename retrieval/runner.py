@@ -30,7 +30,7 @@ import torch
 from retrieval.experiment import Experiment, evaluate, predict, run_job
 from retrieval.launch import launch_qsub, launch_slurm
 from retrieval.report import format_table, summary_row
-from retrieval.rerank import RERANKERS
+from retrieval.rerank import RANKING_STEPS, VECTOR_STEPS, parse_method
 from retrieval.sweep import run_sweep
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,16 @@ def _parse_overrides(values: Sequence[str]) -> dict[str, Any]:
 
 def _split(value: str) -> list[str]:
     return [s.strip() for s in value.split(",") if s.strip()]
+
+
+def _rerank_methods(value: str) -> list[str]:
+    methods = _split(value)
+    for method in methods:
+        try:
+            parse_method(method)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--rerank") from None
+    return methods
 
 
 def _run(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -153,14 +163,12 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
     @model_opt
     @ms_opt
     @click.option("--rerank", default="none", show_default=True,
-                  help=f"comma-separated, from: {', '.join(RERANKERS)}")
+                  help=f"comma-separated methods, each a chain of {', '.join((*VECTOR_STEPS, *RANKING_STEPS))} "
+                       "joined by + (e.g. adba+aqe+diffusion), or none")
     @click.option("--html-queries", type=int, default=10, show_default=True)
     @click.pass_obj
     def evaluate_cmd(exp: Experiment, checkpoint: Path | None, ms: bool, rerank: str, html_queries: int) -> None:
-        methods = _split(rerank)
-        bad = [m for m in methods if m not in RERANKERS]
-        if bad:
-            raise click.BadParameter(f"unknown {bad}; choose from {', '.join(RERANKERS)}", param_hint="--rerank")
+        methods = _rerank_methods(rerank)
         results = _run(evaluate, exp, checkpoint, ms, methods, html_queries)
         click.echo(format_table([summary_row(r) for r in results]))
 

@@ -79,7 +79,7 @@ def test_evaluate_without_features_says_what_to_run(tmp_path):
 def test_bad_rerank_name_is_rejected(tmp_path):
     result = CliRunner().invoke(build_cli(V1_PARAMS, name="v1"), ["--out-root", str(tmp_path), "evaluate",
                                                                    "--rerank", "none,magic"])
-    assert result.exit_code == 2 and "unknown ['magic']" in result.output
+    assert result.exit_code == 2 and "unknown step 'magic'" in result.output
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from retrieval.rerank.pipeline import (
            RANKING_STEPS,
-           RERANKERS,
            STEP_PARAMS,
            VECTOR_STEPS,
            RerankContext,
@@ -22,6 +21,6 @@ from retrieval.rerank.pipeline import (
 )
 from retrieval.rerank.qe import alpha_database_augmentation, alpha_query_expansion, average_query_expansion
 
-__all__ = ["RANKING_STEPS", "RERANKERS", "STEP_PARAMS", "VECTOR_STEPS", "RerankContext",
+__all__ = ["RANKING_STEPS", "STEP_PARAMS", "VECTOR_STEPS", "RerankContext",
            "alpha_database_augmentation", "alpha_query_expansion", "average_query_expansion", "needs_images",
            "needs_labels", "parse_method", "rerank_search"]

@@ -26,8 +26,6 @@ from retrieval.search import as_matrix, knn, knn_graph
 
 VECTOR_STEPS = ("adba", "qe", "aqe")
 RANKING_STEPS = ("diffusion", "kreciprocal", "l2019", "sv")
-# The names `evaluate --rerank` lists; any chain of the steps is accepted.
-RERANKERS = ("none", "qe", "aqe", "adba", "adba+aqe", *RANKING_STEPS, "adba+aqe+diffusion", "adba+aqe+l2019+sv")
 
 # experiment param -> keyword of the step's function (its defaults live in that function's signature)
 STEP_PARAMS: dict[str, dict[str, str]] = {
