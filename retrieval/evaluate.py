@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,37 @@ def rank_dataset(q_feats: np.ndarray, q_ok: np.ndarray, db_feats: np.ndarray, db
     return ranks, scores
 
 
+@dataclass
+class FeaturePair:
+    """A dataset's query and database descriptors as searched: present rows only, and the context."""
+
+    q_feats: np.ndarray
+    q_ok: np.ndarray  # (n_queries,) which dataset queries have features
+    db_feats: np.ndarray
+    db_ok: np.ndarray
+    context: RerankContext
+
+    def rank(self, method: str, params: dict[str, Any], k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`rank_dataset` with the search params of an experiment (``topk``, ``qe_n``, ``dba_n``, ``alpha``)."""
+        return rank_dataset(self.q_feats, self.q_ok, self.db_feats, self.db_ok, method, k or params.get("topk"),
+                            qe_n=int(params.get("qe_n", 2)), dba_n=int(params.get("dba_n", 2)),
+                            alpha=float(params.get("alpha", 3.0)), context=self.context)
+
+
+def load_pair(ds: RetrievalDataset, query_features: str | os.PathLike, db_features: str | os.PathLike,
+              context: RerankContext) -> FeaturePair:
+    """Read a features pair and align it with ``ds``; the context gets the image lists of the present rows."""
+    q_ids, q_feats, _ = read_features(query_features)
+    db_ids, db_feats, _ = read_features(db_features)
+    q_rows, q_ok = align_features(q_ids, ds.queries.ids)
+    db_rows, db_ok = align_features(db_ids, ds.db.ids)
+    q_present, db_present = np.flatnonzero(q_ok), np.flatnonzero(db_ok)
+    context = replace(context, query_ids=[ds.queries.ids[i] for i in q_present],
+                      query_paths=[ds.queries.paths[i] for i in q_present],
+                      db_ids=[ds.db.ids[i] for i in db_present], db_paths=[ds.db.paths[i] for i in db_present])
+    return FeaturePair(q_feats[q_rows[q_ok]], q_ok, db_feats[db_rows[db_ok]], db_ok, context)
+
+
 def validation_map(ds: RetrievalDataset, q_rows: np.ndarray, q_feats: np.ndarray, db_rows: np.ndarray,
                    db_feats: np.ndarray, method: str = "none") -> dict[str, float]:
     """mAP per revisitop protocol of in-memory descriptors (rows = dataset rows that were described)."""
@@ -84,31 +115,21 @@ def evaluate_features(ds: RetrievalDataset, query_features: str | os.PathLike, d
     image lists of the searched rows are filled in here.
     """
     params = params or {}
-    q_ids, q_feats, _ = read_features(query_features)
-    db_ids, db_feats, _ = read_features(db_features)
-    q_rows, q_ok = align_features(q_ids, ds.queries.ids)
-    db_rows, db_ok = align_features(db_ids, ds.db.ids)
-    q_present, db_present = np.flatnonzero(q_ok), np.flatnonzero(db_ok)
-    context = replace(context or RerankContext(params=params),
-                      query_ids=[ds.queries.ids[i] for i in q_present],
-                      query_paths=[ds.queries.paths[i] for i in q_present],
-                      db_ids=[ds.db.ids[i] for i in db_present], db_paths=[ds.db.paths[i] for i in db_present])
+    pair = load_pair(ds, query_features, db_features, context or RerankContext(params=params))
     results = []
     for method in methods:
         t0 = time.perf_counter()
-        ranks, scores = rank_dataset(q_feats[q_rows[q_ok]], q_ok, db_feats[db_rows[db_ok]], db_ok, method,
-                                     params.get("topk"), qe_n=int(params.get("qe_n", 2)),
-                                     dba_n=int(params.get("dba_n", 2)), alpha=float(params.get("alpha", 3.0)),
-                                     context=context)
+        ranks, scores = pair.rank(method, params)
         seconds = time.perf_counter() - t0
         out_dir = Path(out_root) / f"{ds.name}_{feature_kind}_{method}"
         write_ranks(out_dir / "ranks.h5", ds.queries.ids, ds.db.ids, ranks, scores)
         res: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "experiment": experiment, "setting": setting,
             "dataset": ds.name, "features": feature_kind, "rerank": method, "n_queries": len(ds.queries),
-            "n_db": len(ds.db), "n_queries_missing": int((~q_ok).sum()), "n_db_missing": int((~db_ok).sum()),
-            "search_seconds": round(seconds, 4),
-            "seconds_per_query": round(seconds / max(len(q_present), 1), 6), "checkpoint": checkpoint, "params": params,
+            "n_db": len(ds.db), "n_queries_missing": int((~pair.q_ok).sum()),
+            "n_db_missing": int((~pair.db_ok).sum()), "search_seconds": round(seconds, 4),
+            "seconds_per_query": round(seconds / max(int(pair.q_ok.sum()), 1), 6), "checkpoint": checkpoint,
+            "params": params,
         }
         if ds.gnd:
             metrics = revisitop_map(ranks, ds.gnd)

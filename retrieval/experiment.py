@@ -31,10 +31,18 @@ import torch
 
 from retrieval.data import ImageList, RetrievalDataset, load_dataset
 from retrieval.data.trainset import TrainSet, load_train_set
-from retrieval.evaluate import evaluate_features
+from retrieval.evaluate import evaluate_features, load_pair
 from retrieval.extract import MULTI_SCALES, extract_on_devices
 from retrieval.features import read_features
 from retrieval.models import RetrievalNet, create_model, load_checkpoint
+from retrieval.recognition import (
+    MAX_IMAGES,
+    RECOGNITION_FILE,
+    RETRIEVAL_FILE,
+    knn_vote,
+    write_recognition_submission,
+    write_retrieval_submission,
+)
 from retrieval.report import write_json
 from retrieval.rerank import RerankContext, needs_labels
 from retrieval.train import RUNTIME_KEYS, train
@@ -147,25 +155,59 @@ def predict(exp: Experiment, checkpoint: Path | None, ms: bool, splits: Sequence
     return out
 
 
-def evaluate(exp: Experiment, checkpoint: Path | None, ms: bool, methods: Sequence[str],
-             html_queries: int = 10) -> list[dict[str, Any]]:
-    """Search, re-rank and score the features ``predict`` wrote; returns the results dicts."""
-    ds = exp.dataset()
-    setting_dir = exp.setting_dir(checkpoint)
-    paths = {split: features_path(setting_dir, ds.name, split, ms) for split in ("query", "db")}
+def _features_pair(exp: Experiment, checkpoint: Path | None, ms: bool) -> dict[str, Path]:
+    ds_name = exp.dataset().name
+    paths = {split: features_path(exp.setting_dir(checkpoint), ds_name, split, ms) for split in ("query", "db")}
     for path in paths.values():
         if not path.is_file():
             flags = f"{' -m ' + str(checkpoint) if checkpoint else ''}{' --ms' if ms else ''}"
             raise FileNotFoundError(f"{path}: features not found; run `predict{flags}` first")
-    context = RerankContext(params=exp.params, cache_dir=setting_dir / "local" / ds.name,
+    return paths
+
+
+def rerank_context(exp: Experiment, checkpoint: Path | None, ms: bool, methods: Sequence[str]) -> RerankContext:
+    """What the ranking steps of ``methods`` need: the label set's features (l2019), sv's cache folder."""
+    context = RerankContext(params=exp.params, cache_dir=exp.setting_dir(checkpoint) / "local" / exp.dataset().name,
                             device=str(exp.params.get("sv_device", "cpu")))
     if any(needs_labels(m) for m in methods):
         context.train_features, context.train_labels = label_features(exp, checkpoint, ms)
-    return evaluate_features(ds, paths["query"], paths["db"], methods, setting_dir / "eval",
+    return context
+
+
+def evaluate(exp: Experiment, checkpoint: Path | None, ms: bool, methods: Sequence[str],
+             html_queries: int = 10) -> list[dict[str, Any]]:
+    """Search, re-rank and score the features ``predict`` wrote; returns the results dicts."""
+    ds = exp.dataset()
+    paths = _features_pair(exp, checkpoint, ms)
+    return evaluate_features(ds, paths["query"], paths["db"], methods, exp.setting_dir(checkpoint) / "eval",
                              feature_kind="ms" if ms else "ss", experiment=exp.name,
                              setting=exp.setting_label(checkpoint), results_csv=exp.out_root / "results.csv",
                              params=exp.params, checkpoint=str(checkpoint) if checkpoint else None,
-                             html_queries=html_queries, context=context)
+                             html_queries=html_queries, context=rerank_context(exp, checkpoint, ms, methods))
+
+
+def submit(exp: Experiment, checkpoint: Path | None, ms: bool, method: str) -> dict[str, Path]:
+    """Both Kaggle files for the dataset (queries = test, database = index), ranked by ``method``.
+
+    Writes ``<setting>/<ckpt>/submit/<dataset>_<ss|ms>_<method>/{retrieval,recognition}_submission.csv``;
+    landmarks are voted by the label set (`label_features`). Test images without features get
+    empty rows, so every test id is listed once.
+    """
+    ds = exp.dataset()
+    paths = _features_pair(exp, checkpoint, ms)
+    train_feats, train_labels = label_features(exp, checkpoint, ms)
+    context = rerank_context(exp, checkpoint, ms, [method])
+    context.train_features, context.train_labels = train_feats, train_labels
+    pair = load_pair(ds, paths["query"], paths["db"], context)
+    ranks, _ = pair.rank(method, exp.params, k=MAX_IMAGES)
+    labels = np.full(len(ds.queries), None, dtype=object)
+    confidences = np.zeros(len(ds.queries), np.float32)
+    labels[pair.q_ok], confidences[pair.q_ok] = knn_vote(pair.q_feats, train_feats, train_labels,
+                                                         int(exp.params.get("l2019_k", 3)))
+    out = exp.setting_dir(checkpoint) / "submit" / f"{ds.name}_{'ms' if ms else 'ss'}_{method}"
+    return {"retrieval": write_retrieval_submission(out / RETRIEVAL_FILE, ds.queries.ids, ds.db.ids, ranks),
+            "recognition": write_recognition_submission(out / RECOGNITION_FILE, ds.queries.ids, labels, confidences,
+                                                        known_labels=np.unique(train_labels))}
 
 
 def label_features(exp: Experiment, checkpoint: Path | None, ms: bool) -> tuple:

@@ -32,7 +32,7 @@ from retrieval.search import knn
 
 __all__ = ["MAX_IMAGES", "RECOGNITION_FILE", "RETRIEVAL_FILE", "knn_vote", "no_label", "read_recognition_submission",
            "read_retrieval_submission", "validate_recognition_submission", "validate_retrieval_submission",
-           "write_recognition_submission", "write_retrieval_submission", "write_submissions"]
+           "write_recognition_submission", "write_retrieval_submission"]
 
 MAX_IMAGES = 100
 RETRIEVAL_HEADER = ("id", "images")
@@ -273,24 +273,3 @@ def write_recognition_submission(path: str | os.PathLike, test_ids: Sequence, la
             for qid, label, c, miss in zip(test_ids, labels.tolist(), confidences, missing, strict=True))
     return _write_checked(path, RECOGNITION_HEADER, rows,
                           lambda tmp, shown: _check_recognition(tmp, shown, test_ids, known_labels))
-
-
-def write_submissions(out_dir: str | os.PathLike, test_ids: Sequence, test_feats: np.ndarray, index_ids: Sequence,
-                      index_feats: np.ndarray, train_feats: np.ndarray, train_labels: np.ndarray, *,
-                      k: int = MAX_IMAGES, vote_k: int = 3, ranks: np.ndarray | None = None) -> dict[str, Path]:
-    """Both Kaggle files from features: ``{"retrieval": path, "recognition": path}`` in ``out_dir``.
-
-    Retrieval lists each test image's ``k`` nearest index images, or the first ``k`` columns of
-    ``ranks`` (a ``(Q, ≥k)`` ranking into ``index_ids``, e.g. re-ranked) when given; recognition
-    votes over the ``vote_k`` nearest train images (`knn_vote`).
-    """
-    out_dir = Path(out_dir)
-    if ranks is None:
-        _, ranks = knn(test_feats, index_feats, k)
-    labels, conf = knn_vote(test_feats, train_feats, train_labels, vote_k)
-    return {
-        "retrieval": write_retrieval_submission(out_dir / RETRIEVAL_FILE, test_ids, index_ids,
-                                                np.asarray(ranks)[:, :k], k),
-        "recognition": write_recognition_submission(out_dir / RECOGNITION_FILE, test_ids, labels, conf,
-                                                    known_labels=np.unique(np.asarray(train_labels))),
-    }

@@ -10,7 +10,7 @@ An experiment file holds a ``params`` dict and a search ``space`` and calls `mai
         main(params, space)
 
 This module only wires verbs to the stage modules: ``predict`` / ``multigpu-predict`` /
-``evaluate`` / ``job`` (`retrieval.experiment`), ``tuning`` (`retrieval.sweep`) and
+``evaluate`` / ``submit`` / ``job`` (`retrieval.experiment`), ``tuning`` (`retrieval.sweep`) and
 ``launch-slurm`` / ``launch-qsub`` (`retrieval.launch`). Outputs go under ``experiments/<name>/``
 next to the experiment file (layout in `retrieval.experiment`).
 """
@@ -27,7 +27,7 @@ from typing import Any
 import click
 import torch
 
-from retrieval.experiment import Experiment, evaluate, predict, run_job
+from retrieval.experiment import Experiment, evaluate, predict, run_job, submit
 from retrieval.launch import launch_qsub, launch_slurm
 from retrieval.report import format_table, summary_row
 from retrieval.rerank import RANKING_STEPS, VECTOR_STEPS, parse_method
@@ -171,6 +171,18 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
         methods = _rerank_methods(rerank)
         results = _run(evaluate, exp, checkpoint, ms, methods, html_queries)
         click.echo(format_table([summary_row(r) for r in results]))
+
+    @cli.command("submit", help="Write the Kaggle retrieval and recognition files (queries = test, db = index).")
+    @model_opt
+    @ms_opt
+    @click.option("--rerank", default="none", show_default=True, help="one chain, as in evaluate")
+    @click.pass_obj
+    def submit_cmd(exp: Experiment, checkpoint: Path | None, ms: bool, rerank: str) -> None:
+        methods = _rerank_methods(rerank)
+        if len(methods) != 1:
+            raise click.BadParameter("give one method", param_hint="--rerank")
+        for kind, path in _run(submit, exp, checkpoint, ms, methods[0]).items():
+            click.echo(f"{kind}: {path}")
 
     @cli.command("job", help="Train one setting, then extract and evaluate it (resumes a killed run).")
     @devices_opt

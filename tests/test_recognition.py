@@ -11,8 +11,6 @@ import pytest
 
 from retrieval.metrics import gap
 from retrieval.recognition import (
-    RECOGNITION_FILE,
-    RETRIEVAL_FILE,
     knn_vote,
     no_label,
     read_recognition_submission,
@@ -21,7 +19,6 @@ from retrieval.recognition import (
     validate_retrieval_submission,
     write_recognition_submission,
     write_retrieval_submission,
-    write_submissions,
 )
 
 
@@ -264,23 +261,3 @@ def test_failed_writes_leave_no_file(tmp_path):
         write_retrieval_submission(path, TEST_IDS, INDEX_IDS, np.array([[5], [1], [2]]))
     with pytest.raises(ValueError, match="k must be in 1..100"):
         write_retrieval_submission(path, TEST_IDS, INDEX_IDS, np.zeros((3, 1), int), k=101)
-
-
-def test_write_submissions_from_features(tmp_path):
-    train, train_labels, centres = clusters(n_per=4, labels=(5, 6, 7))
-    index, index_labels, _ = clusters(n_per=3, seed=1, labels=(5, 6, 7))
-    test_feats = norm(centres + 0.03)
-    test_ids = ["t5", "t6", "t7"]
-    index_ids = [f"x{j}" for j in range(len(index))]
-    paths = write_submissions(tmp_path / "out", test_ids, test_feats, index_ids, index, train, train_labels, k=3)
-    assert paths == {"retrieval": tmp_path / "out" / RETRIEVAL_FILE, "recognition": tmp_path / "out" / RECOGNITION_FILE}
-    validate_retrieval_submission(paths["retrieval"], test_ids, index_ids)
-    validate_recognition_submission(paths["recognition"], test_ids, known_labels=[5, 6, 7])
-    retrieved = read_retrieval_submission(paths["retrieval"])
-    for t, lab in zip(test_ids, (5, 6, 7), strict=True):
-        assert {index_labels[index_ids.index(i)] for i in retrieved[t]} == {lab}
-    assert [p[0] for p in read_recognition_submission(paths["recognition"]).values()] == ["5", "6", "7"]
-    ranks = np.array([[8, 7, 6, 0], [0, 1, 2, 3], [3, 4, 5, 6]])
-    paths = write_submissions(tmp_path / "out", test_ids, test_feats, index_ids, index, train, train_labels, k=2,
-                              ranks=ranks)
-    assert read_retrieval_submission(paths["retrieval"])["t5"] == ["x8", "x7"]
