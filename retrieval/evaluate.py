@@ -86,6 +86,7 @@ def load_pair(ds: RetrievalDataset, query_features: str | os.PathLike, db_featur
     q_present, db_present = np.flatnonzero(q_ok), np.flatnonzero(db_ok)
     context = replace(context, query_ids=[ds.queries.ids[i] for i in q_present],
                       query_paths=[ds.queries.paths[i] for i in q_present],
+                      query_bbxs=[ds.queries.bbx(i) for i in q_present],
                       db_ids=[ds.db.ids[i] for i in db_present], db_paths=[ds.db.paths[i] for i in db_present])
     return FeaturePair(q_feats[q_rows[q_ok]], q_ok, db_feats[db_rows[db_ok]], db_ok, context)
 

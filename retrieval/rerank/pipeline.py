@@ -58,6 +58,7 @@ class RerankContext:
     train_labels: np.ndarray | None = None
     query_ids: Sequence[str] | None = None
     query_paths: Sequence[Path] | None = None
+    query_bbxs: Sequence[Any] | None = None  # revisitop query boxes: sv matches inside them
     db_ids: Sequence[str] | None = None
     db_paths: Sequence[Path] | None = None
     cache_dir: Path | None = None
@@ -184,7 +185,7 @@ def _sv(ctx: RerankContext, vecs: _Vectors, scores: np.ndarray, ids: np.ndarray,
 
     return sv_rerank(scores, ids, list(ctx.query_ids or []), list(ctx.query_paths), list(ctx.db_ids or []),
                      list(ctx.db_paths), cache_dir=Path(ctx.cache_dir), device=ctx.device,
-                     **ctx.step_kwargs("sv"))
+                     query_bbxs=ctx.query_bbxs, **ctx.step_kwargs("sv"))
 
 
 _RANKING = {"diffusion": _diffusion, "kreciprocal": _kreciprocal, "l2019": _l2019, "sv": _sv}
