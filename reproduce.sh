@@ -2,7 +2,8 @@
 # The whole pipeline on the built-in synthetic benchmark, offline:
 #   install (if needed) → generate benchmark → extract single- and multi-scale GeM features
 #   → FAISS search → αQE / αDBA re-ranking → revisitop evaluation (v1, the pretrained net)
-#   → fine-tune v2 (ArcFace on the benchmark's train split) → the same evaluation → one results table.
+#   → fine-tune v2 (ArcFace on the benchmark's train split) → the same evaluation → one results table
+#   → the re-ranking ablation on v2's multi-scale features (diffusion, k-reciprocal, l2019, sv, a chain).
 # SIZE=tiny|default|large and SEED=N pick the benchmark; DEVICE=0 uses CUDA device 0 when present.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,11 +27,19 @@ pretrained=$(( $(date +%s) - start ))
 ckpt=$(run v2 --set eval_rerank='["none","aqe","adba+aqe"]' job ${DEVICE:+-d "$DEVICE"} | .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["checkpoint"])')
 run v2 predict -m "$ckpt" ${DEVICE:+-d "$DEVICE"} > /dev/null
 run v2 evaluate -m "$ckpt" --rerank none > /dev/null
+# re-ranking ablation: l2019 votes with the train split's labels (predict --splits train describes it)
+best_chain="adba+aqe+kreciprocal+sv"
+run v2 predict -m "$ckpt" --ms --splits train ${DEVICE:+-d "$DEVICE"} > /dev/null
+run v2 evaluate -m "$ckpt" --ms --rerank "diffusion,kreciprocal,l2019,sv,$best_chain" > /dev/null
 
 echo
 echo "Built-in benchmark (synthetic, size=$SIZE, seed=$SEED), revisitop protocols, percent:"
 .venv/bin/python -m retrieval.report table experiments/v1/results.csv experiments/v2/results.csv \
     --dataset "synthetic-$SIZE-s$SEED" --select ss:none,ms:none,ms:aqe,ms:adba+aqe
+echo
+echo "Re-ranking ablation (v2 multi-scale features; s/query includes sv's local features, cached for later chains):"
+.venv/bin/python -m retrieval.report table experiments/v2/results.csv --dataset "synthetic-$SIZE-s$SEED" \
+    --select "ms:none,ms:aqe,ms:adba+aqe,ms:diffusion,ms:kreciprocal,ms:l2019,ms:sv,ms:$best_chain"
 setting=$(dirname "$ckpt")
 echo
 echo "Ranked thumbnails: experiments/v1/pretrained/eval/synthetic-$SIZE-s${SEED}_ms_adba+aqe/ranked.html"
