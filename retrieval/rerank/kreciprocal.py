@@ -2,7 +2,8 @@
 k-reciprocal Encoding"; k1 = 20, k2 = 6, λ = 0.3), sparse over kNN lists.
 
 As in the published code, queries and database form one set of M = Q + N items (queries first),
-each with its k1 nearest other items of that union (queries can be each other's neighbours):
+each with its k1 nearest other items of that union: queries can be each other's neighbours, and a
+query's ranking depends on the other queries of the call (the method is transductive).
 
 - R(p, k): the items of p's top-(k+1) list (p itself included) whose own top-(k+1) list holds p;
 - R*(p): R(p, k1) plus R(c, round(k1/2)) of each c ∈ R(p, k1) with |R(p, k1) ∩ R(c, round(k1/2))| >
@@ -210,6 +211,7 @@ def k_reciprocal_rerank(queries: np.ndarray, db: np.ndarray, k: int, *,
     touched, compact = np.unique(v_queries.indices, return_inverse=True)
     v_queries = sp.csr_matrix((v_queries.data, compact.astype(np.int32), v_queries.indptr), shape=(q, len(touched)))
     minsum = jaccard_minsum(v_queries, (v.T.tocsr()[touched] @ expand[q:].T).tocsr())
+    minsum.sort_indices()  # for the searchsorted below
     out_scores = np.empty((q, kk), np.float32)
     out_ids = np.empty((q, kk), np.int64)
     for i in range(q):
