@@ -155,9 +155,8 @@ def predict(exp: Experiment, checkpoint: Path | None, ms: bool, splits: Sequence
     return out
 
 
-def _features_pair(exp: Experiment, checkpoint: Path | None, ms: bool) -> dict[str, Path]:
-    ds_name = exp.dataset().name
-    paths = {split: features_path(exp.setting_dir(checkpoint), ds_name, split, ms) for split in ("query", "db")}
+def _features_pair(exp: Experiment, ds: RetrievalDataset, checkpoint: Path | None, ms: bool) -> dict[str, Path]:
+    paths = {split: features_path(exp.setting_dir(checkpoint), ds.name, split, ms) for split in ("query", "db")}
     for path in paths.values():
         if not path.is_file():
             flags = f"{' -m ' + str(checkpoint) if checkpoint else ''}{' --ms' if ms else ''}"
@@ -165,11 +164,12 @@ def _features_pair(exp: Experiment, checkpoint: Path | None, ms: bool) -> dict[s
     return paths
 
 
-def rerank_context(exp: Experiment, checkpoint: Path | None, ms: bool, methods: Sequence[str]) -> RerankContext:
-    """What the ranking steps of ``methods`` need: the label set's features (l2019), sv's cache folder."""
-    context = RerankContext(params=exp.params, cache_dir=exp.setting_dir(checkpoint) / "local" / exp.dataset().name,
+def rerank_context(exp: Experiment, ds: RetrievalDataset, checkpoint: Path | None, ms: bool,
+                   methods: Sequence[str], labels: bool = False) -> RerankContext:
+    """What the ranking steps of ``methods`` need: the label set's features (l2019, or ``labels``), sv's cache."""
+    context = RerankContext(params=exp.params, cache_dir=exp.setting_dir(checkpoint) / "local" / ds.name,
                             device=str(exp.params.get("sv_device", "cpu")))
-    if any(needs_labels(m) for m in methods):
+    if labels or any(needs_labels(m) for m in methods):
         context.train_features, context.train_labels = label_features(exp, checkpoint, ms)
     return context
 
@@ -178,12 +178,12 @@ def evaluate(exp: Experiment, checkpoint: Path | None, ms: bool, methods: Sequen
              html_queries: int = 10) -> list[dict[str, Any]]:
     """Search, re-rank and score the features ``predict`` wrote; returns the results dicts."""
     ds = exp.dataset()
-    paths = _features_pair(exp, checkpoint, ms)
+    paths = _features_pair(exp, ds, checkpoint, ms)
     return evaluate_features(ds, paths["query"], paths["db"], methods, exp.setting_dir(checkpoint) / "eval",
                              feature_kind="ms" if ms else "ss", experiment=exp.name,
                              setting=exp.setting_label(checkpoint), results_csv=exp.out_root / "results.csv",
                              params=exp.params, checkpoint=str(checkpoint) if checkpoint else None,
-                             html_queries=html_queries, context=rerank_context(exp, checkpoint, ms, methods))
+                             html_queries=html_queries, context=rerank_context(exp, ds, checkpoint, ms, methods))
 
 
 def submit(exp: Experiment, checkpoint: Path | None, ms: bool, method: str) -> dict[str, Path]:
@@ -194,10 +194,9 @@ def submit(exp: Experiment, checkpoint: Path | None, ms: bool, method: str) -> d
     empty rows, so every test id is listed once.
     """
     ds = exp.dataset()
-    paths = _features_pair(exp, checkpoint, ms)
-    train_feats, train_labels = label_features(exp, checkpoint, ms)
-    context = rerank_context(exp, checkpoint, ms, [method])
-    context.train_features, context.train_labels = train_feats, train_labels
+    paths = _features_pair(exp, ds, checkpoint, ms)
+    context = rerank_context(exp, ds, checkpoint, ms, [method], labels=True)  # recognition votes with them
+    train_feats, train_labels = context.train_features, context.train_labels
     pair = load_pair(ds, paths["query"], paths["db"], context)
     ranks, _ = pair.rank(method, exp.params, k=MAX_IMAGES)
     labels = np.full(len(ds.queries), None, dtype=object)
