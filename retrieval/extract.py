@@ -203,7 +203,7 @@ def iter_descriptors(net: RetrievalNet, images: ImageList, *, image_size: int, s
     for batch in loader:
         ok = [(i, x) for i, x, _ in batch if x is not None]
         skipped = [(i, err) for i, x, err in batch if x is None]
-        yield batch[-1][0] + 1, [i for i, _ in ok], _describe_grouped(net, ok, tuple(scales), device), skipped
+        yield batch[-1][0] + 1, [i for i, _ in ok], describe_grouped(net, ok, tuple(scales), device), skipped
 
 
 def describe_images(net: RetrievalNet, images: ImageList, *, image_size: int, scales: Sequence[float] = (1.0,),
@@ -226,8 +226,8 @@ def describe_images(net: RetrievalNet, images: ImageList, *, image_size: int, sc
     return np.asarray(rows, dtype=np.int64), (np.concatenate(parts) if parts else np.zeros((0, dim), np.float32))
 
 
-def _describe_grouped(net: RetrievalNet, items: list[tuple[int, torch.Tensor]], scales: tuple[float, ...],
-                      device: torch.device) -> np.ndarray:
+def describe_grouped(net: RetrievalNet, items: list[tuple[int, torch.Tensor]], scales: tuple[float, ...],
+                     device: torch.device) -> np.ndarray:
     """Describe a batch of differently-sized images: one forward per distinct shape, rows in input order."""
     out = np.zeros((len(items), net.meta["dim"]), dtype=np.float32)
     groups: dict[tuple[int, ...], list[int]] = {}

@@ -10,9 +10,9 @@ An experiment file holds a ``params`` dict and a search ``space`` and calls `mai
         main(params, space)
 
 This module only wires verbs to the stage modules: ``predict`` / ``multigpu-predict`` /
-``evaluate`` / ``submit`` / ``job`` (`retrieval.experiment`), ``tuning`` (`retrieval.sweep`) and
-``launch-slurm`` / ``launch-qsub`` (`retrieval.launch`). Outputs go under ``experiments/<name>/``
-next to the experiment file (layout in `retrieval.experiment`).
+``evaluate`` / ``submit`` / ``job`` (`retrieval.experiment`), ``tuning`` (`retrieval.sweep`),
+``launch-slurm`` / ``launch-qsub`` (`retrieval.launch`) and ``serve`` (`retrieval.api`). Outputs
+go under ``experiments/<name>/`` next to the experiment file (layout in `retrieval.experiment`).
 """
 
 from __future__ import annotations
@@ -214,6 +214,31 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
         click.echo(json.dumps(status, indent=1))
         if status["failed"]:
             raise click.ClickException(f"{len(status['failed'])} setting(s) failed: {status['failed']}")
+
+    @cli.command("serve", help="Serve a features file over HTTP: search by image or id, a page, thumbnails "
+                               "(the serve extra).")
+    @model_opt
+    @click.option("--features", type=click.Path(path_type=Path, dir_okay=False, exists=True), required=True,
+                  help="the database's features HDF5 (what predict wrote)")
+    @click.option("--images", type=click.Path(path_type=Path, exists=True), default=None,
+                  help="an image CSV (id,path[,landmark_id]) or folder for thumbnails and landmark ids "
+                       "[default: the experiment's dataset]")
+    @click.option("--host", default="127.0.0.1", show_default=True)
+    @click.option("--port", type=int, default=8000, show_default=True)
+    @click.option("--rerank", default="none", show_default=True,
+                  help="comma-separated chains the server offers (e.g. aqe,adba+aqe+diffusion)")
+    @devices_opt
+    @click.pass_obj
+    def serve_cmd(exp: Experiment, checkpoint: Path | None, features: Path, images: Path | None, host: str,
+                  port: int, rerank: str, devices: str | None) -> None:
+        try:
+            from retrieval.api import serve
+        except ImportError as err:
+            raise click.ClickException(f"serve needs the serve extra (pip install 'landmark-retrieval[serve]'): "
+                                       f"{err}") from None
+        exp.out_root.mkdir(parents=True, exist_ok=True)
+        _run(serve, exp, checkpoint, features, images, host, port, _rerank_methods(rerank),
+             parse_devices(devices)[0])
 
     cluster_verbs = click.Choice(["job", "tuning", "multigpu-predict"])
 

@@ -57,14 +57,20 @@ def knn(queries: np.ndarray, db: np.ndarray, k: int, use_gpu: bool | None = None
     k = min(int(k), len(db))
     if k <= 0:
         return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+    scores, ids = flat_index(db, use_gpu).search(queries, k)
+    return scores, ids.astype(np.int64, copy=False)
+
+
+def flat_index(db: np.ndarray, use_gpu: bool | None = None) -> faiss.Index:
+    """An exact inner-product index holding ``db`` (on all GPUs when faiss has them)."""
+    db = as_matrix(db, "db")
     index = faiss.IndexFlatIP(db.shape[1])
     if use_gpu is None:
         use_gpu = gpu_available()
     if use_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(db)
-    scores, ids = index.search(queries, k)
-    return scores, ids.astype(np.int64, copy=False)
+    return index
 
 
 def _ivf_index(x: np.ndarray, nlist: int, nprobe: int, seed: int) -> faiss.Index:

@@ -21,7 +21,8 @@ from retrieval.features import read_features
 from retrieval.runner import build_cli
 
 REPO = Path(__file__).resolve().parents[1]
-VERBS = ("job", "tuning", "predict", "evaluate", "submit", "multigpu-predict", "launch-slurm", "launch-qsub")
+VERBS = ("job", "tuning", "predict", "evaluate", "submit", "multigpu-predict", "launch-slurm", "launch-qsub",
+         "serve")
 
 EXPERIMENT = """
 from retrieval.runner import main

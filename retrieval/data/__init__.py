@@ -27,12 +27,13 @@ def load_dataset(spec: str, data_root: str | os.PathLike = "data", synthetic_siz
     """
     data_root = Path(data_root)
     if spec == "synthetic":
-        from retrieval.data.synthetic import make_synthetic
+        from retrieval.data.synthetic import make_synthetic, synthetic_labels
 
         name = f"synthetic-{synthetic_size}-s{seed}"
         gnd_path = make_synthetic(data_root / name, synthetic_size, seed)
         ds = load_revisitop(gnd_path.parent, "synthetic")
         ds.name = name
+        ds.labels = synthetic_labels(gnd_path.parent)
         return ds
     if spec in REVISITOP:
         return load_revisitop(data_root / "revisitop" / spec, spec)

@@ -40,12 +40,17 @@ class ImageList:
 
 @dataclass
 class RetrievalDataset:
-    """Queries, database and revisitop-style ground truth (``gnd[i]`` belongs to query ``i``)."""
+    """Queries, database and revisitop-style ground truth (``gnd[i]`` belongs to query ``i``).
+
+    ``labels``: the landmark id of an image id, where the benchmark knows it (folder CSVs with a
+    ``landmark_id`` column, the built-in benchmark); shown by the search service.
+    """
 
     name: str
     queries: ImageList
     db: ImageList
     gnd: list[dict] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.gnd and len(self.gnd) != len(self.queries):

@@ -69,4 +69,5 @@ def load_folder(csv_path: str | os.PathLike, name: str | None = None) -> Retriev
     if all(r["landmark_id"] is not None for r in q_rows):
         gnd = gnd_from_labels([r["landmark_id"] for r in q_rows], [r["landmark_id"] for r in db_rows],
                               queries.ids, db.ids)
-    return RetrievalDataset(name=name, queries=queries, db=db, gnd=gnd)
+    labels = {r["id"]: r["landmark_id"] for r in rows if r["landmark_id"] is not None}
+    return RetrievalDataset(name=name, queries=queries, db=db, gnd=gnd, labels=labels)

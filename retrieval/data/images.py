@@ -46,14 +46,17 @@ def load_image(path: str | os.PathLike, bbx: BBox | None = None) -> Image.Image:
         raise ImageLoadError("not an image") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageLoadError(f"corrupt image: {err}".splitlines()[0]) from None
-    if bbx is not None:
-        x1, y1, x2, y2 = (float(v) for v in bbx)
-        box = (max(0, math.floor(x1)), max(0, math.floor(y1)),
-               min(img.width, math.ceil(x2)), min(img.height, math.ceil(y2)))
-        if box[2] <= box[0] or box[3] <= box[1]:
-            raise ImageLoadError(f"empty crop box {tuple(bbx)} for a {img.width}x{img.height} image")
-        img = img.crop(box)
-    return img
+    return img if bbx is None else crop_box(img, bbx)
+
+
+def crop_box(img: Image.Image, bbx: BBox) -> Image.Image:
+    """``img`` cropped to ``bbx`` (x1, y1, x2, y2, pixels; clipped to the image, outward to whole pixels)."""
+    x1, y1, x2, y2 = (float(v) for v in bbx)
+    box = (max(0, math.floor(x1)), max(0, math.floor(y1)),
+           min(img.width, math.ceil(x2)), min(img.height, math.ceil(y2)))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise ImageLoadError(f"empty crop box {tuple(bbx)} for a {img.width}x{img.height} image")
+    return img.crop(box)
 
 
 def resize_to(img: Image.Image, image_size: int, mode: str = "long") -> Image.Image:

@@ -1428,6 +1428,12 @@ def _resolve(size: str | SyntheticConfig) -> SyntheticConfig:
     return SIZES[size]
 
 
+def synthetic_labels(root: str | Path) -> dict[str, str]:
+    """The landmark id (``"lm<k>"``) of every image of a generated benchmark that shows one (not distractors)."""
+    records = json.loads((Path(root) / f"meta_{DATASET}.json").read_text())
+    return {r["name"]: f"lm{r['landmark']}" for r in records if r["kind"] == "landmark"}
+
+
 def make_synthetic(root: str | Path, size: str | SyntheticConfig = "default", seed: int = 0, *,
                    workers: int | None = None, verbose: bool = False) -> Path:
     """Write (or reuse) the synthetic benchmark under ``root``; returns ``root/gnd_synthetic.pkl``.

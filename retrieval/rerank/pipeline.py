@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.rerank.qe import alpha_database_augmentation, alpha_query_expansion, average_query_expansion
-from retrieval.search import as_matrix, knn, knn_graph
+from retrieval.search import as_matrix, flat_index, knn_graph
 
 VECTOR_STEPS = ("adba", "qe", "aqe")
 RANKING_STEPS = ("diffusion", "kreciprocal", "l2019", "sv")
@@ -101,46 +101,79 @@ def needs_images(method: str) -> bool:
 
 
 @dataclass
-class _Vectors:
-    """The arrays a ranking step sees: searched (after vector steps) and as given, plus the shared graph."""
+class _Database:
+    """A database state (as given, or αDBA-augmented): its vectors, exact index and kNN graph, built on demand."""
 
-    queries: np.ndarray
-    db: np.ndarray
-    raw_queries: np.ndarray
-    raw_db: np.ndarray
+    x: np.ndarray
+    index: Any = None
     graphs: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(int(k), len(self.x))
+        if k <= 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        if self.index is None:
+            self.index = flat_index(self.x)
+        scores, ids = self.index.search(as_matrix(queries, "queries", self.x.shape[1]), k)
+        return scores, ids.astype(np.int64, copy=False)
+
     def graph(self, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """The searched database's kNN graph with at least ``width`` columns (built once, widest asked)."""
+        """The kNN graph with at least ``width`` columns (built once, for the widest asked)."""
         have = max(self.graphs, default=0)
         if have < width:
-            self.graphs = {width: knn_graph(self.db, min(width, max(len(self.db) - 1, 1)))}
+            self.graphs = {width: knn_graph(self.x, min(width, max(len(self.x) - 1, 1)))}
             have = width
         return self.graphs[have]
 
 
+@dataclass
+class _Vectors:
+    """The arrays a ranking step sees: searched (after vector steps) and as given."""
+
+    queries: np.ndarray
+    database: _Database
+    raw_queries: np.ndarray
+    raw_db: np.ndarray
+
+    @property
+    def db(self) -> np.ndarray:
+        return self.database.x
+
+    def graph(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.database.graph(width)
+
+
 def rerank_search(method: str, queries: np.ndarray, db: np.ndarray, k: int, *, qe_n: int = 2, dba_n: int = 2,
-                  alpha: float = 3.0, context: RerankContext | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  alpha: float = 3.0, context: RerankContext | None = None,
+                  cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Search ``db`` for ``queries`` with the chain ``method``: ``(scores, ids)``, ``(Q, min(k, N))``.
 
     Scores are higher-is-better in the last step's own units (cosine, diffusion mass, −distance, inliers).
+    ``cache``: a dict kept by a caller that searches the same ``db`` again (the search service): the
+    database's index, αDBA-augmented copy and kNN graphs are built once into it and reused.
     """
     vector, ranking = parse_method(method)
     ctx = context or RerankContext()
     db = as_matrix(db, "db")
     queries = as_matrix(queries, "queries", db.shape[1])
-    vecs = _Vectors(queries, db, queries, db)
-    k = min(int(k), len(db))
+    cache = {} if cache is None else cache
+    raw = cache.setdefault("raw", _Database(db))
+    database = raw
     if "adba" in vector and dba_n > 0:
-        _, nb = vecs.graph(dba_n)
-        own = np.arange(len(db))[:, None]
-        vecs.db = alpha_database_augmentation(db, dba_n, alpha, ranks=np.concatenate([own, nb[:, :dba_n]], 1))
-        vecs.graphs = {}  # the augmented database has new neighbours
+        key = ("adba", int(dba_n), float(alpha))
+        if key not in cache:
+            _, nb = raw.graph(dba_n)
+            own = np.arange(len(db))[:, None]
+            cache[key] = _Database(alpha_database_augmentation(db, dba_n, alpha,
+                                                               ranks=np.concatenate([own, nb[:, :dba_n]], 1)))
+        database = cache[key]
+    vecs = _Vectors(queries, database, queries, db)
+    k = min(int(k), len(db))
     if ("qe" in vector or "aqe" in vector) and qe_n > 0:
-        _, first = knn(vecs.queries, vecs.db, qe_n)
+        _, first = database.search(vecs.queries, qe_n)
         vecs.queries = (average_query_expansion(vecs.queries, vecs.db, first, qe_n) if "qe" in vector
                         else alpha_query_expansion(vecs.queries, vecs.db, first, qe_n, alpha))
-    scores, ids = knn(vecs.queries, vecs.db, k)
+    scores, ids = database.search(vecs.queries, k)
     for step in ranking:
         scores, ids = _RANKING[step](ctx, vecs, scores, ids, k)
     return scores, ids
