@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 # shellcheck source=scripts/venv.sh
 source scripts/venv.sh
-ensure_venv
+ensure_venv serve  # the serve extra: the search service whose command is printed at the end
 export HF_HUB_OFFLINE=1
 
 SIZE="${SIZE:-default}"
@@ -46,3 +46,7 @@ echo "Ranked thumbnails: experiments/v1/pretrained/eval/synthetic-$SIZE-s${SEED}
 echo "                   ${ckpt%.pth}/eval/synthetic-$SIZE-s${SEED}_ms_adba+aqe/ranked.html"
 echo "Training: $setting/train_log.csv, $setting/train_plot.png"
 echo "Done in $(( $(date +%s) - start )) s (pretrained net: $pretrained s)."
+echo
+echo "Search the index in a browser (then open http://127.0.0.1:8000/):"
+echo "  .venv/bin/python experiments/v2.py --set synthetic_size='\"$SIZE\"' --set seed=$SEED serve -m $ckpt \\"
+echo "      --features ${ckpt%.pth}/features/synthetic-$SIZE-s$SEED/db_ms.h5 --rerank aqe,adba+aqe"

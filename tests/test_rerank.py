@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from retrieval.rerank import (
+    RerankContext,
     alpha_database_augmentation,
     alpha_query_expansion,
     average_query_expansion,
@@ -94,3 +95,22 @@ def test_ranking_steps_say_what_context_they_miss():
         rerank_search("l2019", db[:2], db, 5)
     with pytest.raises(ValueError, match="sv re-ranking needs the query and database images"):
         rerank_search("sv", db[:2], db, 5)
+
+
+@pytest.mark.parametrize("method", ["none", "aqe", "adba+aqe", "adba+diffusion", "kreciprocal"])
+def test_a_kept_cache_gives_the_same_rankings_and_is_built_once(method):
+    rng = np.random.default_rng(3)
+    db = rng.normal(size=(300, 16)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    queries = db[:5] + 0.1 * rng.normal(size=(5, 16)).astype(np.float32)
+    ctx = RerankContext(params={"diffusion_kd": 10, "diffusion_kq": 4, "kr_k1": 10, "kr_k2": 3})
+    fresh = rerank_search(method, queries, db, 10, context=ctx)
+    cache: dict = {}
+    first = rerank_search(method, queries, db, 10, context=ctx, cache=cache)
+    built = {key: id(value) for key, value in cache.items()}
+    assert ("adba", 2, 3.0) in cache if "adba" in method else set(cache) == {"raw"}
+    again = rerank_search(method, queries[::-1], db, 10, context=ctx, cache=cache)
+    assert {key: id(value) for key, value in cache.items()} == built
+    for a, b in zip(fresh, first, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(again[1], first[1][::-1])
