@@ -6,7 +6,7 @@ Endpoints (all errors are ``{"error": "..."}`` with a 4xx code; the server keeps
 
 - ``POST /search``: multipart ``image`` (+ ``k``, ``rerank``, ``bbx`` = ``x1,y1,x2,y2``) or JSON
   ``{"id": ..., "k": ..., "rerank": ...}`` → ``{"query", "results": [{"id", "score",
-  "landmark_id"?}], "timing_ms": {"embed", "search", "rerank"}}``;
+  "landmark_id"?}], "timing_ms": {"embed", "search", "rerank", "queue"}}``;
 - ``POST /search/batch``: multipart ``images`` (several files, each with an optional ``bbx``
   field in the same order) or JSON ``{"ids": [...]}`` → ``{"results": [{"query", "results"}],
   "timing_ms"}``;

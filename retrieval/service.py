@@ -197,7 +197,8 @@ class SearchService:
     """A net, an index over a features file and the re-rankers offered, shared by all requests.
 
     Thread-safe: the net runs under a lock (one forward at a time, requests serialised on it);
-    the index and the re-rankers' database state are read-only once built in ``__init__``.
+    the index and the re-rankers' database state (αDBA vectors, kNN graph, diffusion's offline
+    stage; their sizes do not depend on ``k``) are built in ``__init__`` and only read afterwards.
     """
 
     def __init__(self, net: RetrievalNet, ids: Sequence[str], feats: np.ndarray, attrs: Mapping[str, Any], *,
@@ -242,8 +243,11 @@ class SearchService:
                     feats.shape[1], ", ".join(self.methods), time.perf_counter() - start)
 
     # -- queries ----------------------------------------------------------------------------
-    def embed(self, images: Sequence[tuple[Image.Image, BBox | None]]) -> np.ndarray:
-        """Descriptors ``(n, D)`` of decoded images, each cropped to its box first (revisitop's habit)."""
+    def embed(self, images: Sequence[tuple[Image.Image, BBox | None]], timing: dict | None = None) -> np.ndarray:
+        """Descriptors ``(n, D)`` of decoded images, each cropped to its box first (revisitop's habit).
+
+        ``timing``, when given, gets ``queue``: ms spent waiting for the net (other requests' turn).
+        """
         tensors = []
         for i, (img, bbx) in enumerate(images):
             if bbx is not None:
@@ -253,7 +257,10 @@ class SearchService:
                     raise RequestError(f"bbx: {err}") from None
             img = resize_to(img, self.image_size, self.resize)
             tensors.append((i, to_tensor(img, self.net.meta["mean"], self.net.meta["std"])))
+        asked = time.perf_counter()
         with self._net_lock:
+            if timing is not None:
+                timing["queue"] = 1000 * (time.perf_counter() - asked)
             return describe_grouped(self.net, tensors, self.scales, self.device)
 
     def vector_of(self, image_id: Any) -> np.ndarray:
@@ -305,19 +312,21 @@ class SearchService:
 
     def search_images(self, images: Sequence[tuple[Image.Image, BBox | None]], k: int = 10,
                       method: str = "none") -> tuple[list[list[dict[str, Any]]], dict[str, float]]:
-        """Embed then search decoded images: ``(results per image, timing_ms)``."""
+        """Embed then search decoded images: ``(results per image, timing_ms)``; ``embed`` excludes the
+        ``queue`` wait for the net."""
         method = self.check_method(method)
         start = time.perf_counter()
-        vectors = self.embed(images)
+        waited: dict[str, float] = {}
+        vectors = self.embed(images, waited)
         embedded = time.perf_counter()
         results, timing = self.search(vectors, k, method)
-        return results, {"embed": 1000 * (embedded - start), **timing}
+        return results, {"embed": 1000 * (embedded - start) - waited["queue"], **timing, "queue": waited["queue"]}
 
     def search_ids(self, image_ids: Sequence[Any], k: int = 10, method: str = "none"
                    ) -> tuple[list[list[dict[str, Any]]], dict[str, float]]:
         vectors = np.concatenate([self.vector_of(i) for i in image_ids])
         results, timing = self.search(vectors, k, method)
-        return results, {"embed": 0.0, **timing}
+        return results, {"embed": 0.0, **timing, "queue": 0.0}
 
     # -- thumbnails and description ---------------------------------------------------------
     def thumbnail(self, image_id: str, size: int = 160) -> bytes:

@@ -108,9 +108,12 @@ def test_a_kept_cache_gives_the_same_rankings_and_is_built_once(method):
     cache: dict = {}
     first = rerank_search(method, queries, db, 10, context=ctx, cache=cache)
     built = {key: id(value) for key, value in cache.items()}
+    extras = {key: id(v) for db_state in cache.values() for key, v in db_state.extras.items()}
+    assert bool(extras) == ("diffusion" in method)  # diffusion's offline stage is kept too
     assert ("adba", 2, 3.0) in cache if "adba" in method else set(cache) == {"raw"}
     again = rerank_search(method, queries[::-1], db, 10, context=ctx, cache=cache)
     assert {key: id(value) for key, value in cache.items()} == built
+    assert {key: id(v) for db_state in cache.values() for key, v in db_state.extras.items()} == extras
     for a, b in zip(fresh, first, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(again[1], first[1][::-1])

@@ -80,7 +80,7 @@ def test_upload_of_an_indexed_image_finds_itself_first_with_its_landmark(bench, 
     assert top["id"] == ds.db.ids[j]
     assert top["score"] == pytest.approx(1.0, abs=1e-4)
     assert top["landmark_id"] == ds.labels[ds.db.ids[j]]
-    assert set(body["timing_ms"]) == {"embed", "search", "rerank"}
+    assert set(body["timing_ms"]) == {"embed", "search", "rerank", "queue"}
     assert body["query"]["width"] == Image.open(ds.db.paths[j]).width
     scores = [h["score"] for h in body["results"]]
     assert scores == sorted(scores, reverse=True)

@@ -21,8 +21,10 @@ github fyang93/diffusion, truncation 1000).
 - `spectral_offline` / `spectral_online`: Fast Spectral Ranking (Iscen et al., CVPR 2018): the
   ``spectral_rank`` smallest eigenpairs of L (= largest of S) by `eigsh`, f = U diag((1−α)/(1−αλ)) Uᵀ y
   over the whole database (no truncation).
-- `diffusion_rerank`: all of it from arrays; `diffusion_dense`: the textbook dense reference
-  (N × N matrices, exact `np.linalg.solve` of each truncated system) for tests and benchmarks.
+- `diffusion_database` (the offline stage, kept by a caller that searches the same database again)
+  and `diffusion_query` (the online stage); `diffusion_rerank`: all of it from arrays;
+  `diffusion_dense`: the textbook dense reference (N × N matrices, exact `np.linalg.solve` of each
+  truncated system) for tests and benchmarks.
 
 The kNN graph is `retrieval.search.knn_graph`'s: self excluded, so ``kd`` counts other items
 (fyang93 searches ``kd`` including the item itself, i.e. kd − 1 others).
@@ -33,6 +35,7 @@ from __future__ import annotations
 import mmap
 import multiprocessing
 import os
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -368,6 +371,43 @@ def _check_params(n: int, k: int, kd: int, kq: int, gamma: float, alpha: float, 
                          f"got {spectral_rank}")
 
 
+@dataclass
+class DiffusionDatabase:
+    """The offline stage of one database, reusable for any number of query batches (the search
+    service keeps it): the truncated diffusion rows, or FSR's eigenpairs."""
+
+    n: int
+    offline: sp.csr_matrix | None = None
+    spectral: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def diffusion_database(db: np.ndarray, *, graph: tuple[np.ndarray, np.ndarray] | None = None, kd: int = 50,
+                       gamma: float = 3.0, alpha: float = 0.99, truncation: int = 1000, maxiter: int = 20,
+                       tol: float = 1e-6, spectral_rank: int = 0) -> DiffusionDatabase:
+    """The offline stage of `diffusion_rerank` for ``db`` (``graph`` as there)."""
+    db = as_matrix(db, "db")
+    n = len(db)
+    _check_params(n, 1, kd, 1, gamma, alpha, truncation, maxiter, tol, spectral_rank)
+    if graph is None:
+        graph = knn_graph(db, min(kd, max(n - 1, 1)), index="flat" if n < 100_000 else "ivf")
+    scores, ids = _check_graph(graph, n, min(kd, n - 1))
+    lap = laplacian(affinity(scores, ids, kd, gamma), alpha)
+    if spectral_rank:
+        return DiffusionDatabase(n, spectral=spectral_offline(lap, spectral_rank, alpha))
+    sets = truncation_sets(db, truncation, graph=(scores, ids))
+    return DiffusionDatabase(n, offline=offline_diffusion(lap, sets, maxiter=maxiter, tol=tol,
+                                                          workers=len(os.sched_getaffinity(0))))
+
+
+def diffusion_query(database: DiffusionDatabase, scores: np.ndarray, ids: np.ndarray, k: int, *, kq: int = 10,
+                    gamma: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """The online stage: queries given by their kNN in the database (≥ max(kq, min(k, N)) columns)."""
+    if database.spectral is not None:
+        u, h = database.spectral
+        return spectral_online(u, h, scores, ids, k, kq=kq, gamma=gamma)
+    return online_diffusion(database.offline, scores, ids, k, kq=kq, gamma=gamma)
+
+
 def diffusion_rerank(queries: np.ndarray, db: np.ndarray, k: int, *, graph: tuple[np.ndarray, np.ndarray] | None = None,
                      kd: int = 50, kq: int = 10, gamma: float = 3.0, alpha: float = 0.99, truncation: int = 1000,
                      maxiter: int = 20, tol: float = 1e-6, spectral_rank: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -381,17 +421,10 @@ def diffusion_rerank(queries: np.ndarray, db: np.ndarray, k: int, *, graph: tupl
     queries = as_matrix(queries, "queries", db.shape[1])
     n = len(db)
     _check_params(n, k, kd, kq, gamma, alpha, truncation, maxiter, tol, spectral_rank)
-    if graph is None:
-        graph = knn_graph(db, min(kd, max(n - 1, 1)), index="flat" if n < 100_000 else "ivf")
-    scores, ids = _check_graph(graph, n, min(kd, n - 1))
-    lap = laplacian(affinity(scores, ids, kd, gamma), alpha)
+    database = diffusion_database(db, graph=graph, kd=kd, gamma=gamma, alpha=alpha, truncation=truncation,
+                                  maxiter=maxiter, tol=tol, spectral_rank=spectral_rank)
     q_scores, q_ids = knn(queries, db, max(min(k, n), min(kq, n)))
-    if spectral_rank:
-        u, h = spectral_offline(lap, spectral_rank, alpha)
-        return spectral_online(u, h, q_scores, q_ids, k, kq=kq, gamma=gamma)
-    sets = truncation_sets(db, truncation, graph=(scores, ids))
-    offline = offline_diffusion(lap, sets, maxiter=maxiter, tol=tol, workers=len(os.sched_getaffinity(0)))
-    return online_diffusion(offline, q_scores, q_ids, k, kq=kq, gamma=gamma)
+    return diffusion_query(database, q_scores, q_ids, k, kq=kq, gamma=gamma)
 
 
 def diffusion_dense(queries: np.ndarray, db: np.ndarray, k: int, *, kd: int = 50, kq: int = 10, gamma: float = 3.0,

@@ -107,6 +107,7 @@ class _Database:
     x: np.ndarray
     index: Any = None
     graphs: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # a step's own database-side state (diffusion's offline stage)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(int(k), len(self.x))
@@ -181,10 +182,18 @@ def rerank_search(method: str, queries: np.ndarray, db: np.ndarray, k: int, *, q
 
 def _diffusion(ctx: RerankContext, vecs: _Vectors, scores: np.ndarray, ids: np.ndarray,
                k: int) -> tuple[np.ndarray, np.ndarray]:
-    from retrieval.rerank.diffusion import diffusion_rerank
+    from retrieval.rerank.diffusion import diffusion_database, diffusion_query
 
     kwargs = ctx.step_kwargs("diffusion")
-    return diffusion_rerank(vecs.queries, vecs.db, k, graph=vecs.graph(int(kwargs.get("kd", 50))), **kwargs)
+    kq, gamma = int(kwargs.pop("kq", 10)), float(kwargs.get("gamma", 3.0))
+    key = ("diffusion", tuple(sorted(kwargs.items())))
+    database = vecs.database
+    if key not in database.extras:  # the offline stage, once per database state and settings
+        database.extras[key] = diffusion_database(database.x, graph=vecs.graph(int(kwargs.get("kd", 50))),
+                                                  **kwargs)
+    n = len(database.x)
+    q_scores, q_ids = database.search(vecs.queries, max(min(k, n), min(kq, n)))
+    return diffusion_query(database.extras[key], q_scores, q_ids, k, kq=kq, gamma=gamma)
 
 
 def _kreciprocal(ctx: RerankContext, vecs: _Vectors, scores: np.ndarray, ids: np.ndarray,
