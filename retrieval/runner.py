@@ -11,8 +11,9 @@ An experiment file holds a ``params`` dict and a search ``space`` and calls `mai
 
 This module only wires verbs to the stage modules: ``predict`` / ``multigpu-predict`` /
 ``evaluate`` / ``submit`` / ``job`` (`retrieval.experiment`), ``tuning`` (`retrieval.sweep`),
-``launch-slurm`` / ``launch-qsub`` (`retrieval.launch`) and ``serve`` (`retrieval.api`). Outputs
-go under ``experiments/<name>/`` next to the experiment file (layout in `retrieval.experiment`).
+``launch-slurm`` / ``launch-qsub`` (`retrieval.launch`), ``clean`` (`retrieval.cleaning`) and
+``serve`` (`retrieval.api`). Outputs go under ``experiments/<name>/`` next to the experiment file
+(layout in `retrieval.experiment`).
 """
 
 from __future__ import annotations
@@ -214,6 +215,37 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
         click.echo(json.dumps(status, indent=1))
         if status["failed"]:
             raise click.ClickException(f"{len(status['failed'])} setting(s) failed: {status['failed']}")
+
+    @cli.command("clean", help="Clean a noisy training list (Landmark2019: kNN + spatial verification) into "
+                               "cleaned_subsets/<name>.csv.")
+    @click.option("--train-csv", "train_csv", required=True,
+                  help="the noisy list: GLDv2 train.csv (id,url,landmark_id) or landmark_id,images CSV, or a "
+                       "train-set name (synthetic-noisy, gldv2-full, ...)")
+    @model_opt
+    @click.option("--name", required=True, help="output name: <out-dir>/<name>.csv and .json")
+    @click.option("--freq-threshold", type=int, default=3, show_default=True,
+                  help="same-landmark (verified) neighbours an image needs")
+    @click.option("--inlier-threshold", type=int, default=30, show_default=True,
+                  help="RANSAC inliers that verify a neighbour")
+    @click.option("--k", "k", type=int, default=100, show_default=True, help="neighbours looked at")
+    @click.option("--no-verify", is_flag=True, help="embedding only: count same-landmark neighbours")
+    @click.option("--image-root", type=click.Path(path_type=Path, file_okay=False), default=None,
+                  help="folder holding train/<a>/<b>/<c>/<id>.jpg [default: params gldv2_root]")
+    @click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("cleaned_subsets"),
+                  show_default=True)
+    @click.option("--workers", type=int, default=2, show_default=True, help="verification processes")
+    @devices_opt
+    @click.pass_obj
+    def clean_cmd(exp: Experiment, train_csv: str, checkpoint: Path | None, name: str, freq_threshold: int,
+                  inlier_threshold: int, k: int, no_verify: bool, image_root: Path | None, out_dir: Path,
+                  workers: int, devices: str | None) -> None:
+        from retrieval.cleaning import CleanSettings, clean_experiment
+
+        settings = _run(CleanSettings, k=k, freq_threshold=freq_threshold, inlier_threshold=inlier_threshold,
+                        verify=not no_verify, workers=workers)
+        record = _run(clean_experiment, exp, train_csv, checkpoint, name, settings, out_dir, image_root,
+                      parse_devices(devices))
+        click.echo(json.dumps(record, indent=1))
 
     @cli.command("serve", help="Serve a features file over HTTP: search by image or id, a page, thumbnails "
                                "(the serve extra).")

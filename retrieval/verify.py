@@ -65,6 +65,7 @@ RANSACS = ("usac", "homography", "affine")
 DEFAULT_THRESHOLD = {"usac": 1.0, "homography": 6.0, "affine": 10.0}
 MIN_MATCHES = 8  # fewer tentative matches than this verifies nothing (F needs 7-8 points)
 RATIO = 0.8  # Lowe's ratio test for mnn
+MAX_TRIALS = 10000  # RANSAC iterations (Landmark2019 cleaned GLDv2 with 1000)
 CHUNK = 16  # pairs per task sent to a worker and per appended block of results
 
 
@@ -103,7 +104,8 @@ def mutual_nn_ratio(desc0: np.ndarray, desc1: np.ndarray, ratio: float = RATIO) 
     return np.stack([np.flatnonzero(keep), nn01[keep]], 1).astype(np.int64)
 
 
-def count_inliers(pts0: np.ndarray, pts1: np.ndarray, ransac: str = "usac", threshold: float | None = None) -> int:
+def count_inliers(pts0: np.ndarray, pts1: np.ndarray, ransac: str = "usac", threshold: float | None = None,
+                  max_trials: int = MAX_TRIALS) -> int:
     """RANSAC inliers of the matched points ``(n, 2)`` ↔ ``(n, 2)``; 0 below `MIN_MATCHES` matches."""
     check_choice("ransac", ransac, RANSACS)
     threshold = DEFAULT_THRESHOLD[ransac] if threshold is None else float(threshold)
@@ -112,12 +114,13 @@ def count_inliers(pts0: np.ndarray, pts1: np.ndarray, ransac: str = "usac", thre
     p0, p1 = np.asarray(pts0, np.float64), np.asarray(pts1, np.float64)
     try:
         if ransac == "usac":
-            _, mask = cv2.findFundamentalMat(p0, p1, cv2.USAC_MAGSAC, threshold, 0.999, 10000)
+            _, mask = cv2.findFundamentalMat(p0, p1, cv2.USAC_MAGSAC, threshold, 0.999, max_trials)
         elif ransac == "homography":
-            _, mask = cv2.findHomography(p0, p1, cv2.USAC_MAGSAC, threshold, maxIters=10000, confidence=0.999)
+            _, mask = cv2.findHomography(p0, p1, cv2.USAC_MAGSAC, threshold, maxIters=max_trials,
+                                         confidence=0.999)
         else:
             _, mask = cv2.estimateAffine2D(p0, p1, method=cv2.RANSAC, ransacReprojThreshold=threshold,
-                                           maxIters=10000, confidence=0.999)
+                                           maxIters=max_trials, confidence=0.999)
     except cv2.error:  # degenerate point sets (all collinear, duplicates): no geometry to verify
         return 0
     return 0 if mask is None else int(mask.sum())
@@ -127,10 +130,10 @@ class _Verifier:
     """Matches and verifies pairs between two local features files (one per process)."""
 
     def __init__(self, query_cache: Path, db_cache: Path, matcher: str, ransac: str, threshold: float,
-                 device: str) -> None:
+                 device: str, max_trials: int = MAX_TRIALS) -> None:
         self.query, self.db = LocalFeaturesReader(query_cache), LocalFeaturesReader(db_cache)
         self.features, self.resize = self.query.settings["features"], self.query.settings["resize"]
-        self.ransac, self.threshold = ransac, threshold
+        self.ransac, self.threshold, self.max_trials = ransac, threshold, max_trials
         self.device = torch.device(device)
         self.lightglue = None
         if matcher == "lightglue":
@@ -165,7 +168,7 @@ class _Verifier:
         m = self._match(f0, f1)
         pts0 = f0["keypoints"][m[:, 0]] * self._scale(f0["image_size"])
         pts1 = f1["keypoints"][m[:, 1]] * self._scale(f1["image_size"])
-        return len(m), count_inliers(pts0, pts1, self.ransac, self.threshold)
+        return len(m), count_inliers(pts0, pts1, self.ransac, self.threshold, self.max_trials)
 
     def close(self) -> None:
         self.query.close()
@@ -214,14 +217,14 @@ def _read_results(path: Path, settings: dict) -> dict[tuple[str, str], int]:
 def verify_pairs(pairs: Sequence[tuple[str, str]], query_cache: str | os.PathLike, db_cache: str | os.PathLike, *,
                  matcher: str | None = None, ransac: str = "usac", threshold: float | None = None,
                  workers: int = 0, results: str | os.PathLike | None = None, device: str = "cpu",
-                 progress: bool = True) -> np.ndarray:
+                 progress: bool = True, max_trials: int = MAX_TRIALS) -> np.ndarray:
     """RANSAC inlier counts ``(len(pairs),)`` int64 of ``(query id, db id)`` pairs.
 
     Both caches come from `extract_local_features` with the same settings. ``matcher``: None =
     `default_matcher` of the features; ``threshold``: pixels at extraction size, None =
     `DEFAULT_THRESHOLD` of ``ransac``. ``workers`` > 1: that many processes (one torch thread
     each, killed with this one); 0 or 1: in this process. ``results``: a CSV the verified pairs
-    are appended to, so a rerun (or a killed run) skips them.
+    are appended to, so a rerun (or a killed run) skips them. ``max_trials``: RANSAC iterations.
     """
     check_choice("ransac", ransac, RANSACS)
     if workers < 0:
@@ -234,7 +237,8 @@ def verify_pairs(pairs: Sequence[tuple[str, str]], query_cache: str | os.PathLik
             raise ValueError(f"{query_cache} and {db_cache} hold different local features: "
                              f"{settings} vs {local_settings(f)}")
     matcher, threshold = verify_settings(settings["features"], matcher, ransac, threshold)
-    settings = {**settings, "matcher": matcher, "ransac": ransac, "threshold": threshold, "min_matches": MIN_MATCHES}
+    settings = {**settings, "matcher": matcher, "ransac": ransac, "threshold": threshold, "min_matches": MIN_MATCHES,
+                **({"max_trials": int(max_trials)} if max_trials != MAX_TRIALS else {})}
     pairs = [(str(q), str(d)) for q, d in pairs]
     if not pairs:
         return np.zeros(0, np.int64)
@@ -252,7 +256,7 @@ def verify_pairs(pairs: Sequence[tuple[str, str]], query_cache: str | os.PathLik
         todo = sorted({p for p in pairs if p not in found})  # grouped by query: its features stay in memory
         if todo:
             found |= _run_pairs(todo, query_cache, db_cache, matcher, ransac, threshold, workers, results, device,
-                                progress)
+                                progress, int(max_trials))
     finally:
         if lock is not None:
             lock.release()
@@ -273,9 +277,9 @@ def _check_ids(todo: list[tuple[str, str]], query_cache: Path, db_cache: Path) -
 
 def _run_pairs(todo: list[tuple[str, str]], query_cache: Path, db_cache: Path, matcher: str, ransac: str,
                threshold: float, workers: int, results: Path | None, device: str,
-               progress: bool) -> dict[tuple[str, str], int]:
+               progress: bool, max_trials: int = MAX_TRIALS) -> dict[tuple[str, str], int]:
     _check_ids(todo, query_cache, db_cache)
-    args = (query_cache, db_cache, matcher, ransac, threshold, device)
+    args = (query_cache, db_cache, matcher, ransac, threshold, device, max_trials)
     logger.info("verifying %d pairs (%s, %s, threshold %g px, %d workers)", len(todo), matcher, ransac, threshold,
                 workers)
     chunks = [todo[i:i + CHUNK] for i in range(0, len(todo), CHUNK)]

@@ -5,18 +5,20 @@ Every source loads into one `TrainSet`: image ids and paths, a class index per i
 can be traced back to landmarks. ``load_train_set(spec, ...)`` picks the source by name:
 
 - ``synthetic``: the built-in benchmark's train split (`retrieval.data.synthetic_train`), whose
-  landmarks are disjoint from the benchmark's;
+  landmarks are disjoint from the benchmark's; ``synthetic-noisy``: the same with known label noise
+  and distractors, in GLDv2's layout (`retrieval.data.noisy_train`);
 - ``gldv2`` / ``gldv2-clean``: ``<data_root>/gldv2/metadata/train_clean.csv`` (1.58M images,
   81,313 landmarks); ``gldv2-full``: ``train.csv`` (4.1M images, 203k landmarks);
 - a CSV path (optionally ``folder:<csv>`` / ``clean:<csv>``): a ``landmark_id,images`` file (the
   ``train_clean.csv`` schema, e.g. ``cleaned_subsets/<name>.csv``; images in the GLDv2 train
-  layout under ``gldv2_root``) or a labelled image-folder CSV (``path``/``image`` +
-  ``landmark_id``, see `retrieval.data.folder`).
+  layout under ``gldv2_root``, or the ``image_root`` of the list's cleaning record) or a labelled
+  image-folder CSV (``path``/``image`` + ``landmark_id``, see `retrieval.data.folder`).
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +131,7 @@ def load_train_set(spec: str, data_root: str | os.PathLike = "data", *, syntheti
                    seed: int = 0, gldv2_root: str | os.PathLike | None = None, min_images: int = 1) -> TrainSet:
     """A training set by name or CSV path (see the module docstring)."""
     data_root = Path(data_root)
+    explicit_root = gldv2_root is not None
     gldv2_root = Path(gldv2_root) if gldv2_root else data_root / "gldv2"
     if spec == "synthetic":
         from retrieval.data.synthetic import make_synthetic
@@ -138,6 +141,14 @@ def load_train_set(spec: str, data_root: str | os.PathLike = "data", *, syntheti
         make_synthetic(bench, synthetic_size, seed)  # the split shares the benchmark's style families
         return load_folder_train(make_synthetic_train(bench, synthetic_size, seed),
                                  f"synthetic-{synthetic_size}-s{seed}-train", min_images)
+    if spec == "synthetic-noisy":
+        from retrieval.data.noisy_train import make_noisy_train
+        from retrieval.data.synthetic import make_synthetic
+
+        bench = data_root / f"synthetic-{synthetic_size}-s{seed}"
+        make_synthetic(bench, synthetic_size, seed)
+        csv_path = make_noisy_train(bench, synthetic_size, seed)
+        return load_gldv2_train(csv_path, csv_path.parent, f"synthetic-{synthetic_size}-s{seed}-noisy", min_images)
     if spec in ("gldv2", "gldv2-clean"):
         return load_gldv2_train(gldv2_root / "metadata" / "train_clean.csv", gldv2_root, "gldv2-clean", min_images)
     if spec == "gldv2-full":
@@ -145,7 +156,8 @@ def load_train_set(spec: str, data_root: str | os.PathLike = "data", *, syntheti
     if spec.startswith("folder:"):
         return load_folder_train(spec.removeprefix("folder:"), min_images=min_images)
     if spec.startswith("clean:"):
-        return load_gldv2_train(spec.removeprefix("clean:"), gldv2_root, min_images=min_images)
+        path = Path(spec.removeprefix("clean:"))
+        return load_gldv2_train(path, _image_root(path, explicit_root, gldv2_root), min_images=min_images)
     if spec.endswith(".csv"):
         path = Path(spec)
         if not path.is_file():
@@ -153,10 +165,24 @@ def load_train_set(spec: str, data_root: str | os.PathLike = "data", *, syntheti
         with path.open(encoding="utf-8-sig") as f:
             header = {h.strip() for h in f.readline().split(",")}
         if {"landmark_id", "images"} <= header or "url" in header:
-            return load_gldv2_train(path, gldv2_root, min_images=min_images)
+            return load_gldv2_train(path, _image_root(path, explicit_root, gldv2_root), min_images=min_images)
         return load_folder_train(path, min_images=min_images)
     raise ValueError(f"unknown train set {spec!r}: expected synthetic, gldv2, gldv2-full, folder:<csv>, "
                      "clean:<csv> or a CSV path")
+
+
+def _image_root(csv_path: Path, explicit: bool, gldv2_root: Path) -> Path:
+    """Where a GLDv2-schema list's images are: ``gldv2_root`` when given, else the ``image_root`` its
+    cleaning record (``<name>.json`` beside a ``cleaned_subsets/<name>.csv``) names, else ``gldv2_root``."""
+    record = csv_path.with_suffix(".json")
+    if not explicit and record.is_file():
+        try:
+            root = json.loads(record.read_text()).get("image_root")
+        except (json.JSONDecodeError, AttributeError):
+            root = None
+        if root:
+            return Path(root)
+    return gldv2_root
 
 
 def heldout_split(train: TrainSet, n_classes: float, seed: int) -> tuple[TrainSet, RetrievalDataset | None]:

@@ -1,0 +1,167 @@
+"""A noisy variant of the built-in train split, in GLDv2's train layout, with its noise written down.
+
+GLDv2's train set is noisy in two ways: images filed under the wrong landmark, and images that
+show no landmark at all (indoor shots, people, objects). ``make_noisy_train(bench_root, size,
+seed)`` takes the clean train split (`retrieval.data.synthetic_train`) and injects both, in known
+amounts, so a cleaner can be scored (precision and recall of what it removes)::
+
+    <bench>/train_noisy/train.csv              id,url,landmark_id   (GLDv2's train.csv; url empty)
+    <bench>/train_noisy/train/<a>/<b>/<c>/<id>.jpg   the images, in GLDv2's layout
+    <bench>/train_noisy/noise.csv              id,landmark_id,true_landmark_id,kind
+                                               (kind: clean | wrong_label | distractor)
+    <bench>/train_noisy/noisy.json             parameters (the "complete" marker, written last)
+
+``wrong_labels``: the fraction of the clean images moved to another landmark (uniformly drawn);
+``distractors``: as many newly rendered non-landmark scenes, as a fraction of the clean images,
+each filed under a random landmark. Ids are 16 hex digits like GLDv2's.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from retrieval.data.folder import read_image_csv
+from retrieval.data.synthetic import SIZES, _locked, _n_workers, _render_all, _SceneJob, _ViewJob, family_seeds
+from retrieval.data.synthetic_train import make_synthetic_train
+
+FORMAT_VERSION = 1
+FOLDER = "train_noisy"
+NOISE_CSV = "noise.csv"
+_MARKER = "noisy.json"
+KINDS = ("clean", "wrong_label", "distractor")
+
+
+def _hex_id(seed: int, name: str) -> str:
+    return hashlib.sha1(f"{seed}/{name}".encode()).hexdigest()[:16]
+
+
+def _image_path(root: Path, image_id: str) -> Path:
+    return root / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+
+
+def _record(size: str, seed: int, wrong_labels: float, distractors: float) -> dict:
+    return {"format_version": FORMAT_VERSION, "size": size, "seed": int(seed), "wrong_labels": float(wrong_labels),
+            "distractors": float(distractors)}
+
+
+def noisy_train_root(bench_root: str | os.PathLike) -> Path:
+    return Path(bench_root) / FOLDER
+
+
+def make_noisy_train(bench_root: str | os.PathLike, size: str = "default", seed: int = 0, *,
+                     wrong_labels: float = 0.1, distractors: float = 0.1, workers: int | None = None) -> Path:
+    """Write (or reuse) the noisy split beside the benchmark ``bench_root``; returns its ``train.csv``."""
+    for name, value in (("wrong_labels", wrong_labels), ("distractors", distractors)):
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    clean_csv = make_synthetic_train(bench_root, size, seed)
+    root = noisy_train_root(bench_root)
+    rec = _record(size, seed, wrong_labels, distractors)
+    marker = root / _MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == rec:
+        return root / "train.csv"
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root):
+        if marker.is_file() and json.loads(marker.read_text()) == rec:
+            return root / "train.csv"
+        marker.unlink(missing_ok=True)
+        for old in ("train", "train.csv", NOISE_CSV):
+            target = root / old
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        rows = _build(root, clean_csv, SIZES[size], seed, wrong_labels, distractors, workers)
+        for name, header, body in (("train.csv", ("id", "url", "landmark_id"), [(r[0], "", r[1]) for r in rows]),
+                                   (NOISE_CSV, ("id", "landmark_id", "true_landmark_id", "kind"), rows)):
+            tmp = root / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+            with tmp.open("w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow(header)
+                writer.writerows(body)
+            os.replace(tmp, root / name)
+        tmp = root / f".{_MARKER}.tmp"
+        tmp.write_text(json.dumps(rec, indent=1))
+        os.replace(tmp, marker)
+    return root / "train.csv"
+
+
+def _build(root: Path, clean_csv: Path, cfg, seed: int, wrong_labels: float, distractors: float,
+           workers: int | None) -> list[tuple[str, int, object, str]]:
+    """Images into ``root/train``; rows ``(id, landmark_id, true_landmark_id, kind)`` in id order."""
+    clean = read_image_csv(clean_csv)
+    true = [int(str(r["landmark_id"]).rsplit("_", 1)[-1]) for r in clean]
+    landmarks = sorted(set(true))
+    rng = np.random.default_rng([seed, 4099])
+    given = list(true)
+    kinds = ["clean"] * len(clean)
+    for i in rng.choice(len(clean), size=round(wrong_labels * len(clean)), replace=False):
+        others = [lm for lm in landmarks if lm != true[i]]
+        given[i] = int(others[int(rng.integers(len(others)))])
+        kinds[i] = "wrong_label"
+    rows = []
+    for r, lm_given, lm_true, kind in zip(clean, given, true, kinds, strict=True):
+        image_id = _hex_id(seed, r["id"])
+        dest = _image_path(root, image_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(r["path"], dest)
+        except OSError:
+            shutil.copyfile(r["path"], dest)
+        rows.append((image_id, lm_given, lm_true, kind))
+    n_distractors = round(distractors * len(clean))
+    if n_distractors:
+        fams = family_seeds(cfg, seed)
+        sizes = [tuple(int(v) for v in s) for s in cfg.image_sizes]
+        jobs = []
+        for n in range(n_distractors):  # one view per scene: distractors do not form a class of their own
+            fam = fams[int(rng.integers(len(fams)))] if rng.random() < cfg.distractor_family_share \
+                else int(rng.integers(0, 2**63 - 1))
+            job = _SceneJob("distractor", -1, fam, int(rng.integers(0, 2**63 - 1)))
+            job.views = [_ViewJob(f"noisy_distractor_{n:05d}", "distractor", sizes[int(rng.integers(len(sizes)))],
+                                  int(rng.integers(0, 2**63 - 1)))]
+            jobs.append(job)
+        tmp = root / f".render-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _render_all(jobs, cfg, tmp, _n_workers(workers, n_distractors))
+            for job in jobs:
+                name = job.views[0].name
+                image_id = _hex_id(seed, name)
+                dest = _image_path(root, image_id)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp / f"{name}.jpg", dest)
+                rows.append((image_id, int(landmarks[int(rng.integers(len(landmarks)))]), "", "distractor"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(rows)
+
+
+def read_noise(path: str | os.PathLike) -> dict[str, str]:
+    """``noise.csv`` → id → kind."""
+    with Path(path).open(newline="", encoding="utf-8") as f:
+        return {r["id"]: r["kind"] for r in csv.DictReader(f)}
+
+
+def removal_scores(kept_ids: set[str] | list[str], noise: dict[str, str]) -> dict[str, float | int]:
+    """Precision and recall of the images a cleaner removed against the known noise (noisy = not clean)."""
+    kept = set(kept_ids)
+    removed = {i for i in noise if i not in kept}
+    noisy = {i for i, kind in noise.items() if kind != "clean"}
+    hit = len(removed & noisy)
+    out: dict[str, float | int] = {
+        "removed": len(removed), "noisy": len(noisy), "removed_noisy": hit,
+        "precision": hit / len(removed) if removed else 1.0, "recall": hit / len(noisy) if noisy else 1.0,
+    }
+    for kind in KINDS[1:]:
+        of_kind = {i for i, k in noise.items() if k == kind}
+        out[f"recall_{kind}"] = len(removed & of_kind) / len(of_kind) if of_kind else 1.0
+    return out
