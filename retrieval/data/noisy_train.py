@@ -2,7 +2,9 @@
 
 GLDv2's train set is noisy in two ways: images filed under the wrong landmark, and images that
 show no landmark at all (indoor shots, people, objects). ``make_noisy_train(bench_root, size,
-seed)`` takes the clean train split (`retrieval.data.synthetic_train`) and injects both, in known
+seed)`` renders the views of the clean train split (`retrieval.data.synthetic_train`, same scenes
+and seeds) ``scale`` times larger (2: 640 × 480, nearer GLDv2's photos, so local features find
+as many matches as spatial verification expects) and injects both kinds of noise, in known
 amounts, so a cleaner can be scored (precision and recall of what it removes)::
 
     <bench>/train_noisy/train.csv              id,url,landmark_id   (GLDv2's train.csv; url empty)
@@ -25,12 +27,22 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from retrieval.data.folder import read_image_csv
-from retrieval.data.synthetic import SIZES, _locked, _n_workers, _render_all, _SceneJob, _ViewJob, family_seeds
-from retrieval.data.synthetic_train import make_synthetic_train
+from retrieval.data.synthetic import (
+    SIZES,
+    _locked,
+    _n_workers,
+    _render_all,
+    _render_job,
+    _SceneJob,
+    _ViewJob,
+    family_seeds,
+)
+from retrieval.data.synthetic_train import TRAIN_SIZES, _render_train_job
+from retrieval.data.synthetic_train import _plan as _train_plan
 
 FORMAT_VERSION = 1
 FOLDER = "train_noisy"
@@ -47,9 +59,9 @@ def _image_path(root: Path, image_id: str) -> Path:
     return root / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
 
 
-def _record(size: str, seed: int, wrong_labels: float, distractors: float) -> dict:
+def _record(size: str, seed: int, wrong_labels: float, distractors: float, scale: int) -> dict:
     return {"format_version": FORMAT_VERSION, "size": size, "seed": int(seed), "wrong_labels": float(wrong_labels),
-            "distractors": float(distractors)}
+            "distractors": float(distractors), "scale": int(scale)}
 
 
 def noisy_train_root(bench_root: str | os.PathLike) -> Path:
@@ -57,14 +69,16 @@ def noisy_train_root(bench_root: str | os.PathLike) -> Path:
 
 
 def make_noisy_train(bench_root: str | os.PathLike, size: str = "default", seed: int = 0, *,
-                     wrong_labels: float = 0.1, distractors: float = 0.1, workers: int | None = None) -> Path:
+                     wrong_labels: float = 0.1, distractors: float = 0.1, scale: int = 2,
+                     workers: int | None = None) -> Path:
     """Write (or reuse) the noisy split beside the benchmark ``bench_root``; returns its ``train.csv``."""
     for name, value in (("wrong_labels", wrong_labels), ("distractors", distractors)):
         if not 0 <= value < 1:
             raise ValueError(f"{name} must be in [0, 1), got {value}")
-    clean_csv = make_synthetic_train(bench_root, size, seed)
+    if size not in TRAIN_SIZES or int(scale) < 1:
+        raise ValueError(f"noisy train split: unknown size {size!r} or scale {scale} < 1")
     root = noisy_train_root(bench_root)
-    rec = _record(size, seed, wrong_labels, distractors)
+    rec = _record(size, seed, wrong_labels, distractors, scale)
     marker = root / _MARKER
     if marker.is_file() and json.loads(marker.read_text()) == rec:
         return root / "train.csv"
@@ -79,7 +93,7 @@ def make_noisy_train(bench_root: str | os.PathLike, size: str = "default", seed:
                 shutil.rmtree(target)
             else:
                 target.unlink(missing_ok=True)
-        rows = _build(root, clean_csv, SIZES[size], seed, wrong_labels, distractors, workers)
+        rows = _build(root, SIZES[size], TRAIN_SIZES[size], seed, wrong_labels, distractors, int(scale), workers)
         for name, header, body in (("train.csv", ("id", "url", "landmark_id"), [(r[0], "", r[1]) for r in rows]),
                                    (NOISE_CSV, ("id", "landmark_id", "true_landmark_id", "kind"), rows)):
             tmp = root / f".{name}.{uuid.uuid4().hex[:8]}.tmp"
@@ -94,55 +108,60 @@ def make_noisy_train(bench_root: str | os.PathLike, size: str = "default", seed:
     return root / "train.csv"
 
 
-def _build(root: Path, clean_csv: Path, cfg, seed: int, wrong_labels: float, distractors: float,
+def _render_noisy_job(job: _SceneJob, cfg: Any, jpg_dir: str) -> list[dict[str, Any]]:
+    """A train landmark's views as the clean split renders them; a distractor as the benchmark does."""
+    return (_render_train_job if job.kind == "landmark" else _render_job)(job, cfg, jpg_dir)
+
+
+def _build(root: Path, cfg, split, seed: int, wrong_labels: float, distractors: float, scale: int,
            workers: int | None) -> list[tuple[str, int, object, str]]:
     """Images into ``root/train``; rows ``(id, landmark_id, true_landmark_id, kind)`` in id order."""
-    clean = read_image_csv(clean_csv)
-    true = [int(str(r["landmark_id"]).rsplit("_", 1)[-1]) for r in clean]
-    landmarks = sorted(set(true))
+    jobs = _train_plan(cfg, split, seed)  # the clean split's own views (same seeds), ``scale`` × larger
     rng = np.random.default_rng([seed, 4099])
-    given = list(true)
-    kinds = ["clean"] * len(clean)
-    for i in rng.choice(len(clean), size=round(wrong_labels * len(clean)), replace=False):
-        others = [lm for lm in landmarks if lm != true[i]]
-        given[i] = int(others[int(rng.integers(len(others)))])
-        kinds[i] = "wrong_label"
-    rows = []
-    for r, lm_given, lm_true, kind in zip(clean, given, true, kinds, strict=True):
-        image_id = _hex_id(seed, r["id"])
-        dest = _image_path(root, image_id)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(r["path"], dest)
-        except OSError:
-            shutil.copyfile(r["path"], dest)
-        rows.append((image_id, lm_given, lm_true, kind))
-    n_distractors = round(distractors * len(clean))
-    if n_distractors:
-        fams = family_seeds(cfg, seed)
-        sizes = [tuple(int(v) for v in s) for s in cfg.image_sizes]
-        jobs = []
-        for n in range(n_distractors):  # one view per scene: distractors do not form a class of their own
-            fam = fams[int(rng.integers(len(fams)))] if rng.random() < cfg.distractor_family_share \
-                else int(rng.integers(0, 2**63 - 1))
-            job = _SceneJob("distractor", -1, fam, int(rng.integers(0, 2**63 - 1)))
-            job.views = [_ViewJob(f"noisy_distractor_{n:05d}", "distractor", sizes[int(rng.integers(len(sizes)))],
-                                  int(rng.integers(0, 2**63 - 1)))]
-            jobs.append(job)
-        tmp = root / f".render-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            _render_all(jobs, cfg, tmp, _n_workers(workers, n_distractors))
-            for job in jobs:
-                name = job.views[0].name
-                image_id = _hex_id(seed, name)
-                dest = _image_path(root, image_id)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp / f"{name}.jpg", dest)
-                rows.append((image_id, int(landmarks[int(rng.integers(len(landmarks)))]), "", "distractor"))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return sorted(rows)
+    n_clean = sum(len(job.views) for job in jobs)
+    n_distractors = round(distractors * n_clean)
+    fams = family_seeds(cfg, seed)
+    sizes = [tuple(int(v) for v in s) for s in cfg.image_sizes]
+    for n in range(n_distractors):  # one view per scene: distractors do not form a class of their own
+        fam = fams[int(rng.integers(len(fams)))] if rng.random() < cfg.distractor_family_share \
+            else int(rng.integers(0, 2**63 - 1))
+        job = _SceneJob("distractor", -1, fam, int(rng.integers(0, 2**63 - 1)))
+        job.views = [_ViewJob(f"noisy_distractor_{n:05d}", "distractor", sizes[int(rng.integers(len(sizes)))],
+                              int(rng.integers(0, 2**63 - 1)))]
+        jobs.append(job)
+    for job in jobs:
+        for view in job.views:
+            view.size = (view.size[0] * scale, view.size[1] * scale)
+
+    tmp = root / f".render-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        records = _render_all(jobs, cfg, tmp, _n_workers(workers, n_clean + n_distractors),
+                              _render_noisy_job)
+        records.sort(key=lambda r: r["name"])
+        landmarks = sorted({int(r["landmark"]) for r in records if r["landmark"] >= 0})
+        clean = [r for r in records if r["landmark"] >= 0]
+        wrong = set(rng.choice(len(clean), size=round(wrong_labels * len(clean)), replace=False).tolist())
+        rows = []
+        for i, r in enumerate(clean):
+            true = int(r["landmark"])
+            given, kind = true, "clean"
+            if i in wrong:
+                others = [lm for lm in landmarks if lm != true]
+                given, kind = int(others[int(rng.integers(len(others)))]), "wrong_label"
+            rows.append((r["name"], given, true, kind))
+        rows += [(r["name"], int(landmarks[int(rng.integers(len(landmarks)))]), "", "distractor")
+                 for r in records if r["landmark"] < 0]
+        out = []
+        for name, given, true, kind in rows:
+            image_id = _hex_id(seed, name)
+            dest = _image_path(root, image_id)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / f"{name}.jpg", dest)
+            out.append((image_id, given, true, kind))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(out)
 
 
 def read_noise(path: str | os.PathLike) -> dict[str, str]:
