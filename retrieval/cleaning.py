@@ -9,8 +9,9 @@ trials: those are the defaults here. Landmarks left with fewer than 2 images are
 
 Only pairs that can change a decision are verified: same-landmark neighbours of images that
 have at least ``freq_threshold`` of them, each unordered pair once. Local features and verified
-pairs are cached (``local.h5``, ``pairs.csv``), so a killed run resumes without re-verifying the
-pairs already done. Memory: the (N, k) graph plus one verification worker's local features.
+pairs are cached (``local_<settings>.h5``, ``pairs_<settings>.csv``, named by their settings), so
+a killed run resumes without re-verifying the pairs already done. Memory: the (N, k) graph plus
+one verification worker's local features.
 
 Outputs (`clean_experiment`), both written to a temporary name and renamed::
 
@@ -145,15 +146,17 @@ def clean_features(ids: list[str], paths: list[Path], labels: np.ndarray, feats:
         stats["pairs"] = int(len(pairs))
         t = time.perf_counter()
         needed = np.unique(pairs)
+        local = f"{settings.features}-k{settings.max_keypoints}-r{settings.resize}"  # one cache per setting
+        verified = f"{local}_{settings.ransac}-t{settings.threshold:g}-n{settings.max_trials}"
         cache = extract_local_features([ids[i] for i in needed], [paths[i] for i in needed],
-                                       cache_dir / "local.h5", features=settings.features,
+                                       cache_dir / f"local_{local}.h5", features=settings.features,
                                        max_keypoints=settings.max_keypoints, resize=settings.resize, device=device,
                                        progress=progress)
         stats["seconds"]["local_features"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
         counts = verify_pairs([(ids[a], ids[b]) for a, b in pairs], cache, cache, ransac=settings.ransac,
                               threshold=settings.threshold, max_trials=settings.max_trials,
-                              workers=settings.workers, results=cache_dir / "pairs.csv", device=device,
+                              workers=settings.workers, results=cache_dir / f"pairs_{verified}.csv", device=device,
                               progress=progress)
         stats["seconds"]["verify"] = round(time.perf_counter() - t, 2)
         stats["pairs_per_s"] = round(len(pairs) / max(stats["seconds"]["verify"], 1e-9), 1)

@@ -105,7 +105,7 @@ def test_a_killed_clean_resumes_without_reverifying_done_pairs(noisy_experiment)
     args = ["clean", "--train-csv", "synthetic-noisy", "--name", "tiny-sv", "--k", "8", "--freq-threshold", "1",
             "--inlier-threshold", "10", "--workers", "0", "--out-dir", str(tmp / "cs")]
     first = json.loads(_invoke(cli, *args).stdout)
-    pairs_csv = next((tmp / "exp" / "pretrained" / "clean").glob("*/pairs.csv"))
+    pairs_csv = next((tmp / "exp" / "pretrained" / "clean").glob("*/pairs_*.csv"))
     lines = pairs_csv.read_text().splitlines(keepends=True)
     assert len(lines) - 2 == first["pairs"] > 4  # header lines + one row per pair
     # a kill in the middle of verification: half the rows written, the next one cut short
