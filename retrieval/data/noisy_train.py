@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.data.gldv2 import gldv2_image_path
 from retrieval.data.synthetic import (
     SIZES,
     _locked,
@@ -53,10 +54,6 @@ KINDS = ("clean", "wrong_label", "distractor")
 
 def _hex_id(seed: int, name: str) -> str:
     return hashlib.sha1(f"{seed}/{name}".encode()).hexdigest()[:16]
-
-
-def _image_path(root: Path, image_id: str) -> Path:
-    return root / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
 
 
 def _record(size: str, seed: int, wrong_labels: float, distractors: float, scale: int) -> dict:
@@ -155,7 +152,7 @@ def _build(root: Path, cfg, split, seed: int, wrong_labels: float, distractors: 
         out = []
         for name, given, true, kind in rows:
             image_id = _hex_id(seed, name)
-            dest = _image_path(root, image_id)
+            dest = gldv2_image_path(root, "train", image_id)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / f"{name}.jpg", dest)
             out.append((image_id, given, true, kind))
