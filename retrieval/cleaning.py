@@ -54,8 +54,8 @@ class CleanSettings:
     verify: bool = True
     min_images: int = 2  # landmarks with fewer images left are dropped
     features: str = "sift"  # local features: sift (RootSIFT), aliked or disk (retrieval.local_features)
-    max_keypoints: int = 1024
-    resize: int = 512  # long side the images are shrunk to for local features; the residual is in these pixels
+    max_keypoints: int = 2048
+    resize: int = 1024  # long side the images are shrunk to for local features; the residual is in these pixels
     ransac: str = "affine"
     threshold: float = 20.0
     max_trials: int = 1000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -117,3 +118,17 @@ def test_a_killed_clean_resumes_without_reverifying_done_pairs(noisy_experiment)
     assert after[:half] == lines[:half]  # the verified pairs kept, not redone
     assert sorted(after) == sorted(lines)  # the rest verified once, no row repeated
     assert second["counts"] == first["counts"]
+
+
+def test_noisy_split_landmarks_are_of_the_kinds_asked():
+    from retrieval.data.noisy_train import SCENE_KINDS, _landmark_jobs
+    from retrieval.data.synthetic import SIZES, _family
+    from retrieval.data.synthetic_train import TRAIN_SIZES
+
+    cfg, split = SIZES["tiny"], dataclasses.replace(TRAIN_SIZES["tiny"], hard_fraction=0.0)
+    jobs = _landmark_jobs(cfg, split, 0, SCENE_KINDS)
+    assert [j.landmark for j in jobs] == list(range(split.n_landmarks))
+    assert {_family(j.family_seed, cfg.scene_mix)["kind"] for j in jobs} == set(SCENE_KINDS)
+    assert {v.mode for j in jobs for v in j.views} == {"easy"}
+    with pytest.raises(ValueError, match="kinds"):
+        make_noisy_train(".", "tiny", 0, kinds=("statue",))
