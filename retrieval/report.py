@@ -111,6 +111,10 @@ def latest_rows(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     return list(latest.values())
 
 
+def _setting_folder(row: dict[str, str]) -> str:
+    return row.get("setting", "").split("/")[0]
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table: method, mAP E/M/H, mP@10 E/M/H (percent), seconds per query."""
     head = ["dataset", "method", "mAP E", "mAP M", "mAP H", "mP@10 E", "mP@10 M", "mP@10 H", "s/query"]
@@ -267,10 +271,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = sub.add_parser("table", help="print the latest row of each setting of a results.csv")
     table.add_argument("csv", type=Path, nargs="+", help="one or more results.csv (rows shown in that order)")
     table.add_argument("--dataset", default=None, help="only rows of this dataset")
+    table.add_argument("--setting", default=None, metavar="SETTING,...",
+                       help="only rows of these training settings (folders such as default or margin-0.4), "
+                            "in this order")
     table.add_argument("--select", default=None, metavar="FEATURES:RERANK,...",
                        help="only these rows, in this order, e.g. ss:none,ms:none,ms:aqe")
     args = parser.parse_args(argv)
     wanted = [tuple(w.strip().split(":", 1)) for w in (args.select or "").split(",") if w.strip()]
+    settings = [s.strip() for s in (args.setting or "").split(",") if s.strip()]
     rows = []
     for path in args.csv:
         if not path.is_file():
@@ -279,13 +287,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = latest_rows(read_results_csv(path))
         if args.dataset:
             found = [r for r in found if r.get("dataset") == args.dataset]
-        if wanted:
-            by_key = {(r.get("features"), r.get("rerank")): r for r in found}
-            missing = [":".join(w) for w in wanted if w not in by_key]
-            if missing:
-                print(f"error: {path}: no rows for {', '.join(missing)}", file=sys.stderr)
+        if settings:  # the column holds the setting folder, or <setting>/<checkpoint stem>
+            found = sorted((r for r in found if _setting_folder(r) in settings),
+                           key=lambda r: settings.index(_setting_folder(r)))
+        if wanted:  # the asked rows of each setting, in the asked order
+            by_key = {(r.get("setting"), r.get("features"), r.get("rerank")): r for r in found}
+            chosen = []
+            for setting in dict.fromkeys(r.get("setting") for r in found):
+                missing = [":".join(w) for w in wanted if (setting, *w) not in by_key]
+                if missing:
+                    print(f"error: {path}: no rows of {setting} for {', '.join(missing)}", file=sys.stderr)
+                    return 2
+                chosen += [by_key[(setting, *w)] for w in wanted]
+            if not chosen:
+                print(f"error: {path}: no rows for {args.select}", file=sys.stderr)
                 return 2
-            found = [by_key[w] for w in wanted]
+            found = chosen
         rows += found
     print(format_table(rows))
     return 0

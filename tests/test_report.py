@@ -67,6 +67,24 @@ def test_report_table_cli(tmp_path, capsys):
     assert main(["table", str(tmp_path / "none.csv")]) == 2
 
 
+def test_report_table_keeps_to_the_asked_settings(tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    for setting, hard in (("default/best", 0.2), ("train_set-noisy/best", 0.6), ("margin-0.4/ep3", 0.8)):
+        append_results_csv(path, summary_row({**result(hard=hard), "setting": setting}))
+    assert main(["table", str(path), "--select", "ss:none"]) == 0  # the asked rows of every setting
+    assert len(capsys.readouterr().out.splitlines()) == 5
+    assert main(["table", str(path), "--select", "ss:none", "--setting", "default"]) == 0
+    out = capsys.readouterr().out
+    assert "20.00" in out and "60.00" not in out and "80.00" not in out
+    assert main(["table", str(path), "--select", "ss:none", "--setting", "margin-0.4,default"]) == 0
+    body = capsys.readouterr().out.splitlines()[2:]
+    assert [("80.00" in line, "20.00" in line) for line in body] == [(True, False), (False, True)]
+    assert main(["table", str(path), "--select", "ss:none", "--setting", "other"]) == 2
+    append_results_csv(path, summary_row({**result("aqe"), "setting": "default/best"}))
+    assert main(["table", str(path), "--select", "ss:aqe"]) == 2  # the other settings have no αQE row
+    assert "no rows of train_set-noisy/best for ss:aqe" in capsys.readouterr().err
+
+
 def test_write_json_handles_numpy_and_nan(tmp_path):
     path = write_json(tmp_path / "r.json", {"aps": np.array([0.5, np.nan]), "n": np.int64(3)})
     assert json.loads(path.read_text()) == {"aps": [0.5, None], "n": 3}
