@@ -5,8 +5,12 @@ frozen, then everything at a lower rate). Each stage is a dict of parameter over
 own ``epochs``; `training_stages` builds the list from an experiment's params:
 
 - ``stages`` given: each entry overrides the params for its epochs (keys: ``epochs``, ``lr``,
-  ``backbone_lr``, ``min_lr``, ``warmup_epochs``, ``freeze_backbone``, ``freeze_head``,
-  ``freeze_bn``, ``size_templates``, ``augmentation``, ``class_cap``);
+  ``backbone_lr``, ``min_lr``, ``warmup_epochs``, ``freeze_backbone``, ``freeze_head``, ``freeze_neck``,
+  ``freeze_bn``, ``frozen_blocks``, ``size_templates`` (the stage's input sizes), ``augmentation``,
+  ``class_cap``, ``batch_size``; and what changes the net from that stage on: ``loss`` (switch the
+  head's kind, keeping its class rows), ``s`` / ``margin`` (the head's scale and margin, e.g. GUIE's
+  0.55 → 0.65), ``patch_stride`` (overlapping ViT patches); ``datasets``: the names of ``train_sets``
+  entries this stage draws from (datasets added stage by stage));
 - otherwise one stage of ``epochs`` epochs, the last ``scaleup_epochs`` of them split off as a
   Landmark2019 "scale-up" stage at ``scaleup_templates`` with BatchNorm frozen.
 
@@ -28,7 +32,8 @@ import torch
 from torch import nn
 
 STAGE_KEYS = ("epochs", "lr", "backbone_lr", "min_lr", "warmup_epochs", "freeze_backbone", "freeze_head",
-              "freeze_bn", "size_templates", "augmentation", "class_cap")
+              "freeze_neck", "freeze_bn", "frozen_blocks", "size_templates", "augmentation", "class_cap", "batch_size",
+              "loss", "s", "margin", "patch_stride", "datasets")
 
 
 @dataclass(frozen=True)

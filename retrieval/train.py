@@ -29,7 +29,7 @@ import os
 import resource
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from retrieval.data.augment import TrainImages, collate_train
 from retrieval.data.dataset import ImageList, RetrievalDataset
 from retrieval.data.images import read_image_sizes
 from retrieval.data.samplers import TrainBatchSampler, assign_templates, resolve_templates
-from retrieval.data.trainset import TrainSet, heldout_split, load_train_set
+from retrieval.data.trainset import TrainSet, domain_weights, heldout_split, load_train_set, load_train_sets
 from retrieval.evaluate import validation_map
 from retrieval.extract import describe_images
 from retrieval.models.backbones import backbone_blocks
@@ -191,14 +191,16 @@ class _TrainStep(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.net.head(self.net.embed(x), y)
+        return self.net.head(self.net.head_input(x), y)
 
 
 def head_spec(params: dict[str, Any], n_classes: int, class_counts: np.ndarray) -> dict[str, Any]:
-    """The ``head`` argument of `create_model` from Landmark2019-style params (``loss``, ``s``, ``margin``)."""
+    """The ``head`` argument of `create_model` from Landmark2019-style params (``loss``, ``s``, ``margin``;
+    ``head_fc_dim`` / ``head_dropout``: a training-only projection before the head)."""
     name = params.get("loss", "arcface")
     spec: dict[str, Any] = {"name": name, "n_classes": n_classes,
-                            "label_smoothing": params.get("label_smoothing")}
+                            "label_smoothing": params.get("label_smoothing"),
+                            "fc_dim": params.get("head_fc_dim"), "dropout": params.get("head_dropout")}
     if name in ("arcface", "subcenter_arcface", "cosface"):
         spec.update(s=params.get("s"), m=params.get("margin"))
     if name in ("arcface", "subcenter_arcface"):
@@ -251,9 +253,12 @@ class Trainer:
 
     def _data(self) -> tuple[TrainSet, RetrievalDataset | None]:
         p = self.params
-        train = load_train_set(p.get("train_set", "synthetic"), p.get("data_root", "data"),
-                               synthetic_size=p.get("synthetic_size", "default"), seed=int(p.get("seed", 0)),
-                               gldv2_root=p.get("gldv2_root"), min_images=int(p.get("min_images_per_class", 1)))
+        where = {"synthetic_size": p.get("synthetic_size", "default"), "seed": int(p.get("seed", 0)),
+                 "gldv2_root": p.get("gldv2_root"), "min_images": int(p.get("min_images_per_class", 1))}
+        if p.get("train_sets"):  # several sources, classes kept apart (multi-domain training)
+            train = load_train_sets(p["train_sets"], p.get("data_root", "data"), **where)
+        else:
+            train = load_train_set(p.get("train_set", "synthetic"), p.get("data_root", "data"), **where)
         val: RetrievalDataset | None = None
         spec = p.get("val_dataset")
         if spec == "heldout":
@@ -284,7 +289,7 @@ class Trainer:
             os.replace(tmp, cache)
         _barrier(self.rk)
         sizes = np.load(cache)
-        return TrainSet(train.name, train.ids, train.paths, train.labels, train.classes, sizes)
+        return replace(train, sizes=sizes)
 
     def _build_net(self) -> RetrievalNet:
         p = self.params
@@ -309,6 +314,10 @@ class Trainer:
 
     def _restore(self, ckpt: dict, path: Path) -> None:
         st = ckpt["train_state"]
+        saved = ckpt["meta"]
+        kind = saved["head"]["name"]
+        if kind != self.net.meta["head"]["name"]:  # saved after a stage switched the head's kind
+            self.net.switch_head(kind, **self._head_kwargs({**self.params, "loss": kind}))
         self.net.load_state_dict(ckpt["state_dict"])
         self.epoch, self.batch, self.step = int(st["epoch"]), int(st["batch"]), int(st["step"])
         self.history, self.best = list(st["history"]), dict(st["best"])
@@ -323,8 +332,29 @@ class Trainer:
         if self.rk.main:
             logger.info("resumed from %s at epoch %d, batch %d (step %d)", path, self.epoch + 1, self.batch, self.step)
 
+    def _head_kwargs(self, p: dict[str, Any]) -> dict[str, Any]:
+        spec = head_spec(p, self.train_set.n_classes, self.train_set.class_counts())
+        return {k: v for k, v in spec.items() if k not in ("name", "n_classes", "fc_dim", "dropout")}
+
+    def _stage_net(self, p: dict[str, Any]) -> None:
+        """What a stage changes in the net itself: the head's kind, its s / margin, ViT patch overlap."""
+        net = self.net
+        name = p.get("loss", "arcface")
+        if name != net.meta["head"]["name"]:
+            net.switch_head(name, **self._head_kwargs(p))
+            if self.rk.main:
+                logger.info("head switched to %s (class rows kept)", name)
+        if name in ("arcface", "subcenter_arcface", "cosface"):
+            dynamic = name != "cosface" and p.get("dynamic_margin")
+            net.set_scale_margin(s=p.get("s"), m=None if dynamic else p.get("margin"))
+        if hasattr(net.backbone, "set_patch_stride"):
+            net.set_patch_stride(p.get("patch_stride"))
+        elif p.get("patch_stride"):
+            raise ValueError(f"patch_stride is for ViT backbones, not {net.meta['architecture']}")
+
     def _configure_stage(self, stage: Stage) -> tuple[torch.optim.Optimizer, CosineSchedule]:
         p = stage.params
+        self._stage_net(p)
         net = self.net
         net.requires_grad_(True)
         if net.whiten is not None:
@@ -333,12 +363,16 @@ class Trainer:
             net.backbone.requires_grad_(False)
         else:
             n_frozen = int(p.get("frozen_blocks", 0) or 0)
-            if n_frozen:  # the stem and the first n blocks: cheaper backward, generic low-level filters kept
+            if n_frozen:  # the stem (ViTs: with position embeddings and class token) and the first n blocks
                 stem, blocks = backbone_blocks(net.backbone)
-                for module in [*stem, *blocks[:n_frozen]]:
-                    module.requires_grad_(False)
+                for part in [*stem, *blocks[:n_frozen]]:
+                    part.requires_grad_(False)
         if p.get("freeze_head"):
             net.head.requires_grad_(False)
+            if net.head_fc is not None:
+                net.head_fc.requires_grad_(False)
+        if p.get("freeze_neck") and net.neck is not None:  # GUIE 1st place: the projection stays once trained
+            net.neck.requires_grad_(False)
         if p.get("freeze_bn"):  # Landmark2019's freeze_bn: backbone BatchNorm neither updates statistics nor learns
             for m in net.backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -386,8 +420,14 @@ class Trainer:
         p = stage.params
         templates = resolve_templates(p.get("size_templates", "SS2"))
         groups = assign_templates(self.train_set.sizes, templates)
+        weights = None
+        if self.train_set.domains is not None:
+            weights = domain_weights(p["train_sets"], p.get("datasets"))
+        elif p.get("datasets"):
+            raise ValueError("a stage's datasets name train_sets entries; this run has one train_set")
         sampler = TrainBatchSampler(self.train_set.labels, groups, int(p.get("batch_size", 32)), rank=self.rk.rank,
-                                    world_size=self.rk.world, seed=self.seed, cap=p.get("class_cap"))
+                                    world_size=self.rk.world, seed=self.seed, cap=p.get("class_cap"),
+                                    domains=self.train_set.domains, domain_weights=weights)
         sampler.set_epoch(self.epoch, start_batch=self.batch)
         meta = self.net.meta
         dataset = TrainImages(self.train_set, templates, meta["mean"], meta["std"], p.get("augmentation", "none"),
@@ -527,8 +567,9 @@ class Trainer:
             return
         if isinstance(head, SoftmaxHead):
             raise ValueError("head_init=centroids needs a cosine head (arcface, cosface, adacos, ...), not softmax")
-        if self.net.whiten is not None:
-            raise ValueError("head_init=centroids: the head's input is the descriptor before whitening")
+        if self.net.whiten is not None or self.net.head_fc is not None or self.net.meta.get("resolutions"):
+            raise ValueError("head_init=centroids needs the head's input to be the descriptor (no whitening, "
+                             "head_fc_dim or resolutions)")
         ts = self.train_set
         rows, feats = describe_images(self.net, ImageList(ts.ids, ts.paths), **self._describe_kwargs())
         sums = torch.zeros(ts.n_classes, feats.shape[1], dtype=torch.float64)

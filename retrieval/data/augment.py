@@ -1,6 +1,7 @@
 """Training images: resize to the batch's size template, augment, normalise.
 
-Augmentation is drawn from ``np.random.default_rng([seed, epoch, index])``, so an image's
+Augmentation is drawn from ``np.random.default_rng([seed, epoch, index])`` (``[..., repeat]`` for
+an image drawn again in the same epoch by multi-domain weights), so an image's
 augmented pixels depend only on (seed, epoch, image), never on worker processes or on where a
 killed run resumed: resumed training sees exactly the batches an uninterrupted run sees.
 
@@ -92,7 +93,7 @@ def augment(img: Image.Image, size: tuple[int, int], aug: Augmentation, rng: np.
 
 
 class TrainImages(Dataset):
-    """Items for keys ``(index, template_id, epoch)`` from `retrieval.data.samplers.TrainBatchSampler`.
+    """Items for keys ``(index, template_id, epoch[, repeat])`` from `retrieval.data.samplers.TrainBatchSampler`.
 
     An item is ``(index, tensor | None, label, error | None)``; `collate_train` replaces
     unreadable images so batches keep their size on every rank.
@@ -109,14 +110,14 @@ class TrainImages(Dataset):
     def __len__(self) -> int:
         return len(self.train)
 
-    def __getitem__(self, key: tuple[int, int, int]) -> tuple[int, torch.Tensor | None, int, str | None]:
-        index, template, epoch = key
+    def __getitem__(self, key: tuple[int, ...]) -> tuple[int, torch.Tensor | None, int, str | None]:
+        index, template, epoch, *repeat = key
         label = int(self.train.labels[index])
         try:
             img = load_image(self.train.paths[index])
         except ImageLoadError as err:
             return index, None, label, str(err)
-        rng = np.random.default_rng([self.seed, epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index, *repeat])
         img = augment(img, self.templates[template], self.aug, rng)
         return index, to_tensor(img, self.mean, self.std), label, None
 

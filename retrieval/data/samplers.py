@@ -19,10 +19,16 @@ Guarantees, for any (seed, epoch), on every rank, without communication:
   ``world_size``: rank ``r`` takes ``batches[r::world_size]``, so ranks are disjoint, their union
   is the epoch, and every rank runs the same number of steps (DDP never waits on a missing rank).
 
+With several sources (multi-domain training, ``domains`` + ``domain_weights``), step 1 is followed
+by `weighted_selection`: each source contributes ``weight × its images`` this epoch (a fractional
+part drawn at random, whole parts as repeats). A repeat ``r`` of image ``i`` is the distinct
+virtual index ``r·N + i``, so the steps after it and their guarantees are unchanged.
+
 `TrainBatchSampler` wraps this for ``DataLoader(batch_sampler=...)``. It yields keys
-``(index, template_id, epoch)``: the dataset resizes to the template and seeds augmentation from
-(seed, epoch, index), so the data never depends on worker processes, and ``set_epoch(epoch,
-start_batch)`` resumes a killed run mid-epoch with exactly the batches it had left.
+``(index, template_id, epoch)`` (``(index, template_id, epoch, repeat)`` for a repeat): the dataset
+resizes to the template and seeds augmentation from (seed, epoch, index[, repeat]), so the data
+never depends on worker processes, and ``set_epoch(epoch, start_batch)`` resumes a killed run
+mid-epoch with exactly the batches it had left.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ SIZE_TEMPLATES: dict[str, tuple[Template, ...]] = {
 # Stream ids for np.random.default_rng([seed, epoch, stream]); above any image index, so they
 # never collide with the augmentation streams [seed, epoch, index] of retrieval.data.augment.
 _CAP_STREAM = 0x43415031  # "CAP1"
+_WEIGHT_STREAM = 0x57475431  # "WGT1"
 _BATCH_STREAM = 0x42415431  # "BAT1"
 
 
@@ -156,6 +163,32 @@ def class_balanced_indices(labels: np.ndarray, cap: int | None, seed: int, epoch
     return np.flatnonzero(keep).astype(np.int64, copy=False)
 
 
+def weighted_selection(indices: np.ndarray, domains: np.ndarray, weights: Sequence[float], seed: int,
+                       epoch: int) -> np.ndarray:
+    """This epoch's images of each source, ``weight`` times as many as it has in ``indices``.
+
+    ``domains[i]`` is the source of image ``i`` (indexed by image, ``N = len(domains)``); source ``d``
+    contributes ``floor(w_d)`` full copies of its selected images plus a random ``frac(w_d)`` of them,
+    copy ``r`` of image ``i`` as the virtual index ``r·N + i``. Returns sorted distinct int64 indices.
+    """
+    domains = np.asarray(domains, dtype=np.int64)
+    indices = np.asarray(indices, dtype=np.int64)
+    _check_seed(seed, epoch)
+    if len(weights) <= (domains.max() if len(domains) else -1) or any(float(w) < 0 for w in weights):
+        raise ValueError(f"weights: one non-negative weight per source needed, got {list(weights)}")
+    n = len(domains)
+    rng = np.random.default_rng([int(seed), int(epoch), _WEIGHT_STREAM])
+    parts = []
+    for d, w in enumerate(weights):
+        members = indices[domains[indices] == d]
+        whole, frac = divmod(float(w), 1.0)
+        parts += [members + r * n for r in range(int(whole))]
+        k = round(frac * len(members))
+        if k:
+            parts.append(np.sort(rng.choice(members, size=k, replace=False)) + int(whole) * n)
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
 def merge_singleton_groups(groups: np.ndarray) -> np.ndarray:
     """Group ids with no group of exactly one image: a lone image joins the nearest group id that has images.
 
@@ -242,7 +275,8 @@ class TrainBatchSampler(Sampler):
     """
 
     def __init__(self, labels: np.ndarray, groups: np.ndarray, batch_size: int, *, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, cap: int | None = None) -> None:
+                 world_size: int = 1, seed: int = 0, cap: int | None = None, domains: np.ndarray | None = None,
+                 domain_weights: Sequence[float] | None = None) -> None:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.groups = np.asarray(groups, dtype=np.int64)
         if self.labels.ndim != 1:
@@ -267,6 +301,13 @@ class TrainBatchSampler(Sampler):
         self.cap = None if cap is None else int(cap)
         if len(self.labels) < 2:
             raise ValueError(f"TrainBatchSampler: {len(self.labels)} image(s); need at least 2 for a batch")
+        if (domains is None) != (domain_weights is None):
+            raise ValueError("domains and domain_weights go together")
+        self.domains = None if domains is None else np.asarray(domains, dtype=np.int64)
+        if self.domains is not None and self.domains.shape != self.labels.shape:
+            raise ValueError(f"domains must have one source per image: {len(self.labels)} labels, "
+                             f"{len(self.domains)} domains")
+        self.domain_weights = None if domain_weights is None else [float(w) for w in domain_weights]
         self.epoch: int | None = None  # planned by set_epoch (or epoch 0 on first use): one plan per epoch
         self.start_batch = 0
 
@@ -277,8 +318,12 @@ class TrainBatchSampler(Sampler):
         epoch = int(epoch)
         if self.epoch != epoch:
             sel = class_balanced_indices(self.labels, self.cap, self.seed, epoch)
-            eff = self.groups.copy()
-            eff[sel] = merge_singleton_groups(self.groups[sel])  # lone images' batches use their new template
+            groups = self.groups
+            if self.domains is not None:  # virtual indices r·N + i for the repeats
+                sel = weighted_selection(sel, self.domains, self.domain_weights, self.seed, epoch)
+                groups = np.tile(self.groups, int(sel.max()) // len(self.labels) + 1 if len(sel) else 1)
+            eff = groups.copy()
+            eff[sel] = merge_singleton_groups(groups[sel])  # lone images' batches use their new template
             plan = epoch_batches(sel, eff, self.batch_size, self.world_size, self.seed, epoch)
             self._batches = plan[self.rank::self.world_size]
             self._templates = [int(eff[b[0]]) for b in self._batches]
@@ -302,8 +347,8 @@ class TrainBatchSampler(Sampler):
         self._planned()
         return len(self._batches) - self.start_batch
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         self._planned()
-        epoch = self.epoch
+        epoch, n = self.epoch, len(self.labels)
         for batch, template in zip(self._batches[self.start_batch:], self._templates[self.start_batch:], strict=True):
-            yield [(i, template, epoch) for i in batch.tolist()]
+            yield [(i, template, epoch) if i < n else (i % n, template, epoch, i // n) for i in batch.tolist()]

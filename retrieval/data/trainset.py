@@ -13,6 +13,12 @@ can be traced back to landmarks. ``load_train_set(spec, ...)`` picks the source 
   ``train_clean.csv`` schema, e.g. ``cleaned_subsets/<name>.csv``; images in the GLDv2 train
   layout under ``gldv2_root``, or the ``image_root`` of the list's cleaning record) or a labelled
   image-folder CSV (``path``/``image`` + ``landmark_id``, see `retrieval.data.folder`).
+
+Several sources train together (`load_train_sets`, the ``train_sets`` param: GUIE-style
+multi-domain training): each is loaded as above and `merge_train_sets` concatenates them with
+class indices offset so no two sources share a class, ids and class names prefixed by the
+source's name, and ``domains`` saying which source each image comes from; each source has a
+sampling ``weight`` (`domain_weights`, used by `retrieval.data.samplers`).
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +48,8 @@ class TrainSet:
     labels: np.ndarray  # (N,) int64 class indices
     classes: list[str]
     sizes: np.ndarray | None = None  # (N, 2) width, height when the source lists them
+    domains: np.ndarray | None = None  # (N,) int64 index into domain_names: the source of each image (merged sets)
+    domain_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -49,6 +59,9 @@ class TrainSet:
             raise ValueError(f"{self.name}: class indices outside 0..{len(self.classes) - 1}")
         if self.sizes is not None and self.sizes.shape != (n, 2):
             raise ValueError(f"{self.name}: sizes must be ({n}, 2), got {self.sizes.shape}")
+        if self.domains is not None and (self.domains.shape != (n,) or (n and not
+                                         0 <= self.domains.min() <= self.domains.max() < len(self.domain_names))):
+            raise ValueError(f"{self.name}: domains must be ({n},) indices into {len(self.domain_names)} names")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -171,6 +184,73 @@ def load_train_set(spec: str, data_root: str | os.PathLike = "data", *, syntheti
                      "clean:<csv> or a CSV path")
 
 
+def merge_train_sets(parts: Sequence[tuple[str, TrainSet]], name: str | None = None) -> TrainSet:
+    """One set from several ``(name, set)``: class indices offset by the classes before, so they never
+    collide; ids and class names become ``<name>/<id>``; ``domains`` = the part of each image."""
+    names = [n for n, _ in parts]
+    if not parts:
+        raise ValueError("train_sets: no sources")
+    if len(set(names)) != len(names) or any(not n or "/" in n for n in names):
+        raise ValueError(f"train_sets: names must be unique, non-empty and without '/', got {names}")
+    offsets = np.cumsum([0] + [ts.n_classes for _, ts in parts])
+    sizes = None
+    if all(ts.sizes is not None for _, ts in parts):
+        sizes = np.concatenate([ts.sizes for _, ts in parts])
+    return TrainSet(
+        name or "+".join(names),
+        [f"{n}/{i}" for n, ts in parts for i in ts.ids],
+        [p for _, ts in parts for p in ts.paths],
+        np.concatenate([ts.labels + off for (_, ts), off in zip(parts, offsets, strict=False)]).astype(np.int64),
+        [f"{n}/{c}" for n, ts in parts for c in ts.classes],
+        sizes,
+        np.concatenate([np.full(len(ts), d, dtype=np.int64) for d, (_, ts) in enumerate(parts)]),
+        tuple(names),
+    )
+
+
+def _check_entries(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("name") or not entry.get("train_set"):
+            raise ValueError(f"train_sets[{i}]: expected {{\"name\": ..., \"train_set\": ..., \"weight\": 1.0}}, "
+                             f"got {entry!r}")
+        unknown = sorted(set(entry) - {"name", "train_set", "weight", "min_images"})
+        if unknown:
+            raise ValueError(f"train_sets[{i}] ({entry['name']}): unknown keys {unknown}")
+        if float(entry.get("weight", 1.0)) < 0:
+            raise ValueError(f"train_sets[{i}] ({entry['name']}): weight must be >= 0, got {entry['weight']}")
+        out.append(entry)
+    return out
+
+
+def load_train_sets(entries: Sequence[dict[str, Any]], data_root: str | os.PathLike = "data", *,
+                    synthetic_size: str = "default", seed: int = 0, gldv2_root: str | os.PathLike | None = None,
+                    min_images: int = 1) -> TrainSet:
+    """Several training sources as one `merge_train_sets` set; ``entries``: ``[{"name", "train_set"
+    (any `load_train_set` spec), "weight" (sampling weight, default 1), "min_images"}, ...]``."""
+    parts = [(e["name"], load_train_set(e["train_set"], data_root, synthetic_size=synthetic_size, seed=seed,
+                                        gldv2_root=gldv2_root, min_images=int(e.get("min_images", min_images))))
+             for e in _check_entries(entries)]
+    return merge_train_sets(parts)
+
+
+def domain_weights(entries: Sequence[dict[str, Any]], active: Sequence[str] | None = None) -> np.ndarray:
+    """Sampling weight per source of ``train_sets`` (``weight``, default 1); sources not in ``active``
+    (a stage's ``datasets``) get 0. A weight is the share of that source's images drawn per epoch:
+    0.5 half of them, 2 each twice (`retrieval.data.samplers.weighted_selection`)."""
+    entries = _check_entries(entries)
+    names = [e["name"] for e in entries]
+    if active is not None:
+        unknown = sorted(set(active) - set(names))
+        if unknown:
+            raise ValueError(f"datasets {unknown} are not train_sets names ({', '.join(names)})")
+    weights = np.asarray([float(e.get("weight", 1.0)) if active is None or e["name"] in active else 0.0
+                          for e in entries])
+    if not (weights > 0).any():
+        raise ValueError(f"train_sets: every source has weight 0 (active: {active})")
+    return weights
+
+
 def _image_root(csv_path: Path, explicit: bool, gldv2_root: Path) -> Path:
     """Where a GLDv2-schema list's images are: ``gldv2_root`` when given, else the ``image_root`` its
     cleaning record (``<name>.json`` beside a ``cleaned_subsets/<name>.csv``) names, else ``gldv2_root``."""
@@ -205,6 +285,8 @@ def heldout_split(train: TrainSet, n_classes: float, seed: int) -> tuple[TrainSe
     rest = from_labelled(train.name, [train.ids[i] for i in keep], [train.paths[i] for i in keep],
                          [train.classes[train.labels[i]] for i in keep],
                          None if train.sizes is None else train.sizes[keep])
+    if train.domains is not None:
+        rest = replace(rest, domains=train.domains[keep], domain_names=train.domain_names)
     rows = np.flatnonzero(is_held)
     images = ImageList([train.ids[i] for i in rows], [train.paths[i] for i in rows])
     labels = train.labels[rows].tolist()
