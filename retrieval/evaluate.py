@@ -3,6 +3,8 @@
 `rank_dataset` is the one path from query / database descriptors to dataset-indexed rankings
 and revisitop metrics; `evaluate_features` (the runner's ``evaluate`` verb) and the trainer's
 per-epoch validation both go through it, so a validation mAP is the number ``evaluate`` prints.
+Beside the revisitop mAP / mP@k, every evaluation scores GUIE's mP@5 (`guie_metrics`; positives
+= the Medium protocol's, junk ignored), per domain when the dataset has domains.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import numpy as np
 
 from retrieval.data.dataset import RetrievalDataset
 from retrieval.features import read_features
-from retrieval.metrics import revisitop_map
+from retrieval.metrics import guie_mp_at_k, revisitop_map
 from retrieval.report import append_results_csv, summary_row, write_json, write_ranked_html
 from retrieval.rerank import RerankContext, rerank_search
 from retrieval.search import write_ranks
 
 logger = logging.getLogger(__name__)
+
+GUIE_K = 5  # the Google Universal Image Embedding challenge's k (mP@5)
 
 
 def align_features(ids: Sequence[str], wanted: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -91,16 +95,42 @@ def load_pair(ds: RetrievalDataset, query_features: str | os.PathLike, db_featur
     return FeaturePair(q_feats[q_rows[q_ok]], q_ok, db_feats[db_rows[db_ok]], db_ok, context)
 
 
+def guie_metrics(ranks: np.ndarray, gnd: Sequence[dict], query_ids: Sequence[str] = (),
+                 domains: dict[str, str] | None = None) -> dict[str, Any]:
+    """``{"mp@5": ..., ["domains": {domain: {"n_queries", "mp@5", "map": {easy, medium, hard}}}]}``.
+
+    Positives are a query's easy + hard images, its junk (the query itself in leave-one-out sets)
+    is left out of the ranking; ``domains`` (image id → domain) splits the queries by domain.
+    """
+    positives = [[*g["easy"], *g["hard"]] for g in gnd]
+    junk = [list(g.get("junk", ())) for g in gnd]
+    out: dict[str, Any] = {"mp@5": guie_mp_at_k(ranks, positives, GUIE_K, ignore=junk)}
+    query_domains = [domains.get(q) for q in query_ids] if domains else []
+    names = sorted({d for d in query_domains if d is not None})
+    if names:
+        out["domains"] = {}
+        for name in names:
+            rows = [i for i, d in enumerate(query_domains) if d == name]
+            maps = revisitop_map(ranks[rows], [gnd[i] for i in rows])
+            out["domains"][name] = {
+                "n_queries": len(rows),
+                "mp@5": guie_mp_at_k(ranks[rows], [positives[i] for i in rows], GUIE_K, ignore=[junk[i] for i in rows]),
+                "map": {proto: float(m["map"]) for proto, m in maps.items()}}
+    return out
+
+
 def validation_map(ds: RetrievalDataset, q_rows: np.ndarray, q_feats: np.ndarray, db_rows: np.ndarray,
                    db_feats: np.ndarray, method: str = "none") -> dict[str, float]:
-    """mAP per revisitop protocol of in-memory descriptors (rows = dataset rows that were described)."""
+    """mAP per revisitop protocol and GUIE ``mp@5`` of in-memory descriptors (rows = dataset rows described)."""
     q_ok = np.zeros(len(ds.queries), bool)
     q_ok[q_rows] = True
     db_ok = np.zeros(len(ds.db), bool)
     db_ok[db_rows] = True
     q_order, db_order = np.argsort(q_rows), np.argsort(db_rows)
     ranks, _ = rank_dataset(q_feats[q_order], q_ok, db_feats[db_order], db_ok, method)
-    return {proto: float(m["map"]) for proto, m in revisitop_map(ranks, ds.gnd).items()}
+    out = {proto: float(m["map"]) for proto, m in revisitop_map(ranks, ds.gnd).items()}
+    out["mp@5"] = float(guie_metrics(ranks, ds.gnd)["mp@5"])
+    return out
 
 
 def evaluate_features(ds: RetrievalDataset, query_features: str | os.PathLike, db_features: str | os.PathLike,
@@ -136,10 +166,12 @@ def evaluate_features(ds: RetrievalDataset, query_features: str | os.PathLike, d
             metrics = revisitop_map(ranks, ds.gnd)
             res["metrics"] = {proto: {k_: v for k_, v in m.items() if k_ != "aps"} for proto, m in metrics.items()}
             res["per_query_ap"] = {proto: m["aps"] for proto, m in metrics.items()}
+            res.update(guie_metrics(ranks, ds.gnd, ds.queries.ids, ds.domains))
         write_json(out_dir / "results.json", res)
         write_ranked_html(out_dir / "ranked.html", ds, ranks, scores, n_queries=html_queries,
                           title=f"{experiment}/{setting}: {ds.name}, {feature_kind}, {method}")
         append_results_csv(results_csv, summary_row(res))
-        logger.info("%s: %s", out_dir, {p_: round(m["map"], 4) for p_, m in res.get("metrics", {}).items()})
+        logger.info("%s: %s, mP@5 %s", out_dir, {p_: round(m["map"], 4) for p_, m in res.get("metrics", {}).items()},
+                    res.get("mp@5"))
         results.append(res)
     return results

@@ -176,7 +176,8 @@ def gldv2_map_at_k(
     return total / n_queries if n_queries else float("nan")
 
 
-def guie_mp_at_k(ranks: np.ndarray, positives: Sequence[Iterable[int]], k: int = 5) -> float:
+def guie_mp_at_k(ranks: np.ndarray, positives: Sequence[Iterable[int]], k: int = 5,
+                 ignore: Sequence[Iterable[int]] | None = None) -> float:
     """Google Universal Image Embedding (Kaggle 2022) mP@k (k=5).
 
     mP@k = 1/Q sum_q 1/min(n_q, k) sum_{j<=min(n_q, k)} rel_q(j), i.e. precision at min(n_q, k), where
@@ -185,19 +186,25 @@ def guie_mp_at_k(ranks: np.ndarray, positives: Sequence[Iterable[int]], k: int =
 
     ``ranks`` is a (Q, n) integer array of db indices, query-major; rows shorter than min(n_q, k) count
     the missing results as misses, and a repeated index counts once. Queries with n_q = 0 are skipped
-    (the reference raises); returns NaN if every query is skipped.
+    (the reference raises); returns NaN if every query is skipped. ``ignore`` (per query, e.g. the
+    revisitop ``junk`` lists: the query itself in a leave-one-out set) removes those db indices from the
+    ranking first, as revisitop does for junk; GUIE's index never holds the query, so it had none.
     """
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
     arr = _validate_ranks(ranks, len(positives))
+    if ignore is not None and len(ignore) != len(positives):
+        raise ValueError(f"ignore has {len(ignore)} entries for {len(positives)} queries")
     total = 0.0
     n_queries = 0
-    for row, pos in zip(arr, positives, strict=True):
+    for q, (row, pos) in enumerate(zip(arr, positives, strict=True)):
         pos_arr = np.unique(_as_index_array(list(pos)))
         if pos_arr.size == 0:
             continue
         n_queries += 1
         m = min(pos_arr.size, k)
+        if ignore is not None:
+            row = row[~np.isin(row, _as_index_array(list(ignore[q])))]
         total += np.intersect1d(row[:m], pos_arr).size / m
     return total / n_queries if n_queries else float("nan")
 

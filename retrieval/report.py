@@ -63,6 +63,8 @@ def summary_row(results: dict) -> dict[str, Any]:
         m = results.get("metrics", {}).get(proto, {})
         row[f"map_{proto[0]}"] = _pct(m.get("map"))
         row[f"mp10_{proto[0]}"] = _pct(m.get("mp@10"))
+    row["mp5"] = _pct(results.get("mp@5"))  # GUIE mP@5
+    row["mp5_domains"] = " ".join(f"{d}:{_pct(m.get('mp@5'))}" for d, m in results.get("domains", {}).items())
     spq = results.get("seconds_per_query")
     row["s_per_query"] = "" if spq is None else f"{float(spq):.4g}"
     row["params"] = json.dumps(results.get("params", {}), sort_keys=True, default=str)
@@ -116,10 +118,11 @@ def _setting_folder(row: dict[str, str]) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table: method, mAP E/M/H, mP@10 E/M/H (percent), seconds per query."""
-    head = ["dataset", "method", "mAP E", "mAP M", "mAP H", "mP@10 E", "mP@10 M", "mP@10 H", "s/query"]
+    """A plain-text table: method, mAP E/M/H, mP@10 E/M/H, GUIE mP@5 (percent), seconds per query."""
+    head = ["dataset", "method", "mAP E", "mAP M", "mAP H", "mP@10 E", "mP@10 M", "mP@10 H", "mP@5", "s/query"]
     body = [[str(r.get("dataset", "")), method_label(r), *(str(r.get(f"map_{p[0]}", "")) for p in PROTOCOLS),
-             *(str(r.get(f"mp10_{p[0]}", "")) for p in PROTOCOLS), str(r.get("s_per_query", ""))] for r in rows]
+             *(str(r.get(f"mp10_{p[0]}", "")) for p in PROTOCOLS), str(r.get("mp5", "")),
+             str(r.get("s_per_query", ""))] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
 
     def line(cells: Sequence[str]) -> str:
@@ -134,7 +137,8 @@ def method_label(row: dict[str, Any]) -> str:
     params = row.get("params") or {}
     if isinstance(params, str):
         params = json.loads(params) if params else {}
-    pooling = {"gem": "GeM", "mac": "MAC", "spoc": "SPoC", "rmac": "R-MAC"}.get(params.get("pooling"), "")
+    pooling = {"gem": "GeM", "mac": "MAC", "spoc": "SPoC", "rmac": "R-MAC", "cls": "CLS token",
+               "avg_tokens": "mean of tokens", "gem_tokens": "GeM of tokens"}.get(params.get("pooling"), "")
     features = {"ss": "single-scale", "ms": "multi-scale"}.get(row.get("features", ""), row.get("features", ""))
     if params.get("fc_dim"):
         pooling += f" + FC{params['fc_dim']}"

@@ -24,6 +24,12 @@ def test_csv_without_query_column_is_leave_one_out(tmp_path):
     assert ds.gnd[2] == {"easy": [], "hard": [], "junk": [2]}
 
 
+def test_domain_column_groups_images(tmp_path):
+    (tmp_path / "gt.csv").write_text("path,landmark_id,domain\na.jpg,a,shops\nb.jpg,a,shops\nc.jpg,c,\n")
+    assert [r["domain"] for r in read_image_csv(tmp_path / "gt.csv")] == ["shops", "shops", None]
+    assert load_folder(tmp_path / "gt.csv").domains == {"a": "shops", "b": "shops"}
+
+
 def test_unlabelled_csv_has_no_ground_truth(tmp_path):
     (tmp_path / "list.csv").write_text("id,path\n1,a.jpg\n2,b.jpg\n")
     ds = load_folder(tmp_path / "list.csv")

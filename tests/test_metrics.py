@@ -467,6 +467,15 @@ def test_guie_short_rows_and_duplicates():
     assert guie_mp_at_k(np.array([[0, 0, 1, 5, 6]]), [[0, 1, 2]]) == pytest.approx(2 / 3)
 
 
+def test_guie_ignore_removes_junk_before_the_cut():
+    # leave-one-out: the query itself (db 0) ranks first; ignored, the next two are its positives -> 1
+    ranks = np.array([[0, 3, 4, 1, 2]])
+    assert guie_mp_at_k(ranks, [{3, 4}]) == pytest.approx(0.5)
+    assert guie_mp_at_k(ranks, [{3, 4}], ignore=[[0]]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="ignore has 2 entries for 1 queries"):
+        guie_mp_at_k(ranks, [{3, 4}], ignore=[[0], [1]])
+
+
 def test_guie_validation():
     with pytest.raises(ValueError, match="query-major"):
         guie_mp_at_k(np.zeros((2, 5), dtype=int), [[0]])

@@ -95,3 +95,45 @@ def test_stages_add_datasets_raise_the_margin_overlap_patches_and_switch_the_hea
     assert not torch.equal(s2["head.weight"], s3["head.weight"])  # the softmax stage trained the same rows on
     # resuming from the softmax checkpoint rebuilds the switched head before loading its weights
     assert train(params, tmp_path / "run", ["cpu"], resume=e3) == e3
+
+
+def test_evaluate_reports_mp5_overall_and_per_domain(tmp_path):
+    """Two domains, leave-one-out: mP@5 ignores the query itself; each domain gets its own mP@5 and mAP."""
+    import json
+
+    from retrieval.data import load_folder
+    from retrieval.evaluate import evaluate_features
+    from retrieval.features import write_features
+    from retrieval.report import read_results_csv
+
+    rows = ["id,path,landmark_id,domain"]
+    for domain, n_classes in (("shops", 2), ("sights", 3)):
+        for c in range(n_classes):
+            rows += [f"{domain}{c}_{v},{domain}{c}_{v}.jpg,{domain}{c},{domain}" for v in range(3)]
+    (tmp_path / "gt.csv").write_text("\n".join(rows) + "\n")
+    ds = load_folder(tmp_path / "gt.csv")
+    assert ds.domains["sights2_1"] == "sights" and len(ds.queries) == 15
+    # shops: each image nearest to its own class; sights: class 0 found, classes 1 and 2 swapped
+    label = {i: ds.labels[i] for i in ds.db.ids}
+    centre = {"shops0": 0, "shops1": 1, "sights0": 2, "sights1": 4, "sights2": 3}
+    truth = {"shops0": 0, "shops1": 1, "sights0": 2, "sights1": 3, "sights2": 4}
+    rng = np.random.default_rng(0)
+
+    def feats(ids, place):
+        f = np.stack([np.eye(8)[place[label[i]]] + 0.01 * rng.standard_normal(8) for i in ids]).astype(np.float32)
+        return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+    # queries sit at their class, the database at the (partly swapped) places: sights1/2 queries find the other class
+    write_features(tmp_path / "q.h5", ds.queries.ids, feats(ds.queries.ids, truth))
+    write_features(tmp_path / "db.h5", ds.db.ids, feats(ds.db.ids, centre))
+    (res,) = evaluate_features(ds, tmp_path / "q.h5", tmp_path / "db.h5", ["none"], tmp_path / "eval",
+                               feature_kind="ss", experiment="t", setting="s", results_csv=tmp_path / "results.csv")
+    # n_q = 2 positives per query (itself is junk): shops and sights0 queries score 1, sights1/2 score 0
+    assert res["mp@5"] == pytest.approx(9 / 15)
+    assert res["domains"]["shops"] == {"n_queries": 6, "mp@5": 1.0, "map": pytest.approx(
+        {"easy": 1.0, "medium": 1.0, "hard": float("nan")}, nan_ok=True)}
+    assert res["domains"]["sights"]["mp@5"] == pytest.approx(3 / 9)
+    on_disk = json.loads((tmp_path / "eval" / f"{ds.name}_ss_none" / "results.json").read_text())
+    assert on_disk["mp@5"] == pytest.approx(0.6)
+    (row,) = read_results_csv(tmp_path / "results.csv")
+    assert row["mp5"] == "60.00" and row["mp5_domains"] == "shops:100.00 sights:33.33"

@@ -43,7 +43,8 @@ class RetrievalDataset:
     """Queries, database and revisitop-style ground truth (``gnd[i]`` belongs to query ``i``).
 
     ``labels``: the landmark id of an image id, where the benchmark knows it (folder CSVs with a
-    ``landmark_id`` column, the built-in benchmark); shown by the search service.
+    ``landmark_id`` column, the built-in benchmark); shown by the search service. ``domains``: the
+    domain of an image id (folder CSVs with a ``domain`` column), for per-domain evaluation.
     """
 
     name: str
@@ -51,6 +52,7 @@ class RetrievalDataset:
     db: ImageList
     gnd: list[dict] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
+    domains: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.gnd and len(self.gnd) != len(self.queries):

@@ -1,10 +1,12 @@
-"""An image folder described by a CSV: ``id,path[,landmark_id][,query]``.
+"""An image folder described by a CSV: ``id,path[,landmark_id][,query][,domain]``.
 
 - ``path`` (or ``image``) is relative to the CSV's folder unless absolute.
 - ``id`` defaults to the path without its extension.
 - ``landmark_id`` makes the set evaluable: images sharing it are relevant to each other.
 - ``query`` (0/1) picks the queries; the other rows are the database. Without it, every
   labelled image is a query against all images (leave-one-out: the query itself is junk).
+- ``domain`` (any name: ``landmarks``, ``products``, ...) groups images for per-domain evaluation
+  (GUIE-style universal embeddings: mP@5 and mAP of each domain's queries).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ FALSE_VALUES = {"0", "false", "no", "n", "f", ""}
 
 
 def read_image_csv(csv_path: str | os.PathLike) -> list[dict]:
-    """Rows as dicts with keys ``id``, ``path`` (Path), ``landmark_id`` (str or None), ``query`` (bool)."""
+    """Rows as dicts with keys ``id``, ``path`` (Path), ``landmark_id`` (str or None), ``query`` (bool),
+    ``domain`` (str or None)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: CSV file not found")
@@ -46,7 +49,8 @@ def read_image_csv(csv_path: str | os.PathLike) -> list[dict]:
             flag = (row.get("query") or "").strip().lower()
             if flag not in TRUE_VALUES | FALSE_VALUES:
                 raise ValueError(f"{csv_path}: line {line}: query must be 0 or 1, got {row.get('query')!r}")
-            rows.append({"id": image_id, "path": path, "landmark_id": label, "query": flag in TRUE_VALUES})
+            rows.append({"id": image_id, "path": path, "landmark_id": label, "query": flag in TRUE_VALUES,
+                         "domain": (row.get("domain") or "").strip() or None})
     if not rows:
         raise ValueError(f"{csv_path}: no rows")
     return rows
@@ -70,4 +74,5 @@ def load_folder(csv_path: str | os.PathLike, name: str | None = None) -> Retriev
         gnd = gnd_from_labels([r["landmark_id"] for r in q_rows], [r["landmark_id"] for r in db_rows],
                               queries.ids, db.ids)
     labels = {r["id"]: r["landmark_id"] for r in rows if r["landmark_id"] is not None}
-    return RetrievalDataset(name=name, queries=queries, db=db, gnd=gnd, labels=labels)
+    domains = {r["id"]: r["domain"] for r in rows if r["domain"] is not None}
+    return RetrievalDataset(name=name, queries=queries, db=db, gnd=gnd, labels=labels, domains=domains)
