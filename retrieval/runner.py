@@ -11,9 +11,9 @@ An experiment file holds a ``params`` dict and a search ``space`` and calls `mai
 
 This module only wires verbs to the stage modules: ``predict`` / ``multigpu-predict`` /
 ``evaluate`` / ``submit`` / ``job`` (`retrieval.experiment`), ``tuning`` (`retrieval.sweep`),
-``launch-slurm`` / ``launch-qsub`` (`retrieval.launch`), ``clean`` (`retrieval.cleaning`) and
-``serve`` (`retrieval.api`). Outputs go under ``experiments/<name>/`` next to the experiment file
-(layout in `retrieval.experiment`).
+``launch-slurm`` / ``launch-qsub`` (`retrieval.launch`), ``clean`` (`retrieval.cleaning`),
+``serve`` (`retrieval.api`) and ``export`` (`retrieval.export`). Outputs go under
+``experiments/<name>/`` next to the experiment file (layout in `retrieval.experiment`).
 """
 
 from __future__ import annotations
@@ -271,6 +271,21 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
         exp.out_root.mkdir(parents=True, exist_ok=True)
         _run(serve, exp, checkpoint, features, images, host, port, _rerank_methods(rerank),
              parse_devices(devices)[0])
+
+    @cli.command("export", help="Write model.onnx / model.ts and preprocess.json: an image tensor in, the "
+                                "L2-normalised embedding out (checked against PyTorch).")
+    @model_opt
+    @click.option("--format", "formats", default="onnx,torchscript", show_default=True,
+                  help="comma-separated: onnx, torchscript")
+    @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+                  help="output folder [default: <setting>/<ckpt>/export]")
+    @click.option("--image-size", type=int, default=None, help="input size [default: params image_size]")
+    @click.pass_obj
+    def export_cmd(exp: Experiment, checkpoint: Path | None, formats: str, out_dir: Path | None,
+                   image_size: int | None) -> None:
+        from retrieval.export import export_experiment
+
+        click.echo(str(_run(export_experiment, exp, checkpoint, _split(formats), out_dir, image_size)))
 
     cluster_verbs = click.Choice(["job", "tuning", "multigpu-predict"])
 

@@ -80,3 +80,10 @@ TINY_TRAIN_PARAMS = {
     "freeze_bn": True, "num_workers": 0, "seed": 0, "image_size": 64, "resize": "long", "batch_size_eval": 8,
     "eval_ms": False, "eval_rerank": ["none"], "progress": False,
 }
+
+# timm's vit_tiny_patch16_224 shrunk: 2 blocks of width 64, a 4x4 grid at 64 px
+TINY_VIT = {"architecture": "vit_tiny_patch16_224", "pretrained": None,
+            "backbone_kwargs": {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 64}}
+# open_clip's ViT-H-14 config shrunk: 2 layers of width 64, a 4x4 grid at 56 px, 32-d CLIP embedding
+TINY_CLIP = {"architecture": "open_clip:ViT-H-14", "pretrained": None,
+             "backbone_kwargs": {"embed_dim": 32, "layers": 2, "width": 64, "head_width": 32, "image_size": 56}}

@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import TINY_CLIP, TINY_VIT
 from retrieval.models import create_model, load_checkpoint, save_checkpoint
 from retrieval.models.backbones import backbone_blocks
 from retrieval.models.pooling import avg_tokens, cls_token, gem_tokens
 from retrieval.models.vit import CLIP_MEAN, fit_to_grid, grid_length, resample_pos_embed
-
-# timm's vit_tiny_patch16_224 shrunk: 2 blocks of width 64, a 4x4 grid at 64 px
-TINY_VIT = {"architecture": "vit_tiny_patch16_224", "pretrained": None,
-            "backbone_kwargs": {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 64}}
-# open_clip's ViT-H-14 config shrunk: 2 layers of width 64, a 4x4 grid at 56 px, 32-d CLIP embedding
-TINY_CLIP = {"architecture": "open_clip:ViT-H-14", "pretrained": None,
-             "backbone_kwargs": {"embed_dim": 32, "layers": 2, "width": 64, "head_width": 32, "image_size": 56}}
 
 
 def test_timm_vit_equals_timm_at_its_size_and_takes_any_size():
