@@ -61,6 +61,8 @@ def test_token_poolings_closed_form_and_backbone_fit():
         create_model(**TINY_VIT, pooling="gem")
     with pytest.raises(ValueError, match="does not fit test_efficientnet"):
         create_model("test_efficientnet", pretrained=None, pooling="cls")
+    with pytest.raises(ValueError, match="hybrid ViTs"):  # the adapter would skip their CNN stem
+        create_model("vit_tiny_r_s16_p8_224", pretrained=None, pooling="cls")
 
 
 def test_vit_checkpoint_rebuilds_with_its_kwargs_stride_and_resolutions(tmp_path):

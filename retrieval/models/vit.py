@@ -156,10 +156,16 @@ class OpenClipViT(_TokenBackbone):
 
 
 def is_vit(model: nn.Module) -> bool:
-    """A timm model the `TimmViT` adapter drives (patch embedding + blocks + learned position embeddings)."""
+    """A timm model the `TimmViT` adapter drives: a ``VisionTransformer`` with a plain patch embedding
+    (hybrids, whose patches come from a CNN, are refused: the adapter would skip their CNN)."""
+    from timm.layers import PatchEmbed
     from timm.models.vision_transformer import VisionTransformer
 
-    return isinstance(model, VisionTransformer)
+    if not isinstance(model, VisionTransformer):
+        return False
+    if not isinstance(model.patch_embed, PatchEmbed):
+        raise ValueError(f"{type(model.patch_embed).__name__}: hybrid ViTs (CNN patch embedding) are not supported")
+    return True
 
 
 def open_clip_tower(name: str, overrides: dict[str, Any] | None = None) -> nn.Module:
