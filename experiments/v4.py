@@ -44,7 +44,7 @@ params = {
     "lr": 1e-3,
     "wd": 0.05,
     "min_lr": 1e-5,
-    "epochs": 8,
+    "epochs": 6,
     "warmup_epochs": 1,
     "grad_clip": 1.0,
     # validation: held-out train landmarks; best.pth by mP@5
