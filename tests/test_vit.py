@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import TINY_CLIP, TINY_VIT
+from retrieval.extract import MULTI_SCALES, describe
 from retrieval.models import create_model, load_checkpoint, save_checkpoint
 from retrieval.models.backbones import backbone_blocks
 from retrieval.models.pooling import avg_tokens, cls_token, gem_tokens
@@ -22,6 +23,8 @@ def test_timm_vit_equals_timm_at_its_size_and_takes_any_size():
             v = net(torch.randn(1, 3, h, w))
             assert v.shape == (1, 64) and torch.allclose(v.norm(dim=1), torch.ones(1), atol=1e-4)
     assert net.meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    ms = describe(net, torch.randn(2, 3, 96, 128), MULTI_SCALES)  # 1, 1/√2, 1/2: none a patch multiple
+    assert ms.shape == (2, 64) and torch.allclose(ms.norm(dim=1), torch.ones(2), atol=1e-4)
 
 
 def test_open_clip_tower_cls_pooling_is_the_clip_image_embedding():
