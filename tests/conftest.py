@@ -84,6 +84,11 @@ TINY_TRAIN_PARAMS = {
 # timm's vit_tiny_patch16_224 shrunk: 2 blocks of width 64, a 4x4 grid at 64 px
 TINY_VIT = {"architecture": "vit_tiny_patch16_224", "pretrained": None,
             "backbone_kwargs": {"depth": 2, "embed_dim": 64, "num_heads": 2, "img_size": 64}}
+# a hybrid ViT over timm's test_efficientnet (its 256-channel map at stride 32): 2 blocks of width 32,
+# LayerScale near 0 (the untrained transformer passes the projected map through), no class token
+TINY_HYBRID = {"architecture": "hybrid:test_efficientnet", "pretrained": None,
+               "backbone_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 64, "init_values": 1e-5,
+                                   "class_token": False, "final_norm": False}}
 # open_clip's ViT-H-14 config shrunk: 2 layers of width 64, a 4x4 grid at 56 px, 32-d CLIP embedding
 TINY_CLIP = {"architecture": "open_clip:ViT-H-14", "pretrained": None,
              "backbone_kwargs": {"embed_dim": 32, "layers": 2, "width": 64, "head_width": 32, "image_size": 56}}

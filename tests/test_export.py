@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import TINY_CLIP, TINY_VIT, write_jpeg
+from conftest import TINY_CLIP, TINY_HYBRID, TINY_VIT, write_jpeg
 from retrieval.data import ImageList
 from retrieval.export import export_net, run_onnx, run_torchscript
 from retrieval.extract import describe_images
@@ -71,13 +71,14 @@ def test_export_verb_cnn_matches_pytorch_and_the_readme_snippet_embeds_like_pred
     (TINY_VIT, {"pooling": "gem_tokens", "patch_stride": 12, "resolutions": [48, 64], "resolution_combine": "mean"},
      64),
     (TINY_CLIP, {"pooling": "cls", "patch_stride": 10}, 56),
-], ids=["timm-vit", "open_clip"])
+    (TINY_HYBRID, {"pooling": "gem_tokens"}, 96),
+], ids=["timm-vit", "open_clip", "hybrid"])
 def test_vit_export_matches_pytorch(tmp_path, spec, extra, size):
     torch.manual_seed(1)
     net = create_model(**spec, **extra, fc_dim=16, dropout=0.2, neck_bn=False).eval()
     bundle = export_net(net, tmp_path / "bundle", size)
     cfg = json.loads((bundle / "preprocess.json").read_text())
-    assert not cfg["input"]["dynamic_spatial"] and cfg["model"]["patch_stride"] == extra["patch_stride"]
+    assert not cfg["input"]["dynamic_spatial"] and cfg["model"]["patch_stride"] == extra.get("patch_stride")
     x = np.random.default_rng(1).standard_normal((3, 3, size, size)).astype(np.float32)
     ref = _pytorch(net, x)
     for run, name in ((run_onnx, "model.onnx"), (run_torchscript, "model.ts")):

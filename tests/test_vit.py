@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_CLIP, TINY_VIT
+from conftest import TINY_CLIP, TINY_HYBRID, TINY_VIT
 from retrieval.extract import MULTI_SCALES, describe
 from retrieval.models import create_model, load_checkpoint, save_checkpoint
-from retrieval.models.backbones import backbone_blocks
+from retrieval.models.backbones import backbone_blocks, create_backbone
 from retrieval.models.pooling import avg_tokens, cls_token, gem_tokens
 from retrieval.models.vit import CLIP_MEAN, fit_to_grid, grid_length, resample_pos_embed
 
@@ -25,6 +25,57 @@ def test_timm_vit_equals_timm_at_its_size_and_takes_any_size():
     assert net.meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
     ms = describe(net, torch.randn(2, 3, 96, 128), MULTI_SCALES)  # 1, 1/√2, 1/2: none a patch multiple
     assert ms.shape == (2, 64) and torch.allclose(ms.norm(dim=1), torch.ones(2), atol=1e-4)
+
+
+def test_timm_hybrid_vit_runs_its_cnn_stem_and_takes_any_size():
+    torch.manual_seed(0)  # R+ViT-Ti/S16 p8: a ResNet stem (stride 4), 8x8 patches of its map: 32-px patches
+    net = create_model("vit_tiny_r_s16_p8_224", pretrained=None, pooling="cls",
+                       backbone_kwargs={"depth": 1, "img_size": 64}).eval()
+    assert net.backbone.patch_size == 32 and net.backbone.pos_grid == (2, 2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(net.backbone.forward_features(x), net.backbone.vit.forward_features(x), atol=1e-6)
+        assert net.backbone.forward_features(torch.randn(1, 3, 100, 70)).shape == (1, 1 + 3 * 2, 192)
+    with pytest.raises(ValueError, match="patch_stride is not supported for hybrid ViTs"):
+        net.set_patch_stride(16)
+
+
+def test_hybrid_over_a_cnn_starts_as_its_projected_map_and_freezes_by_cnn_blocks(tmp_path):
+    torch.manual_seed(0)
+    net = create_model(**TINY_HYBRID, pooling="gem_tokens", fc_dim=16, neck_bn=False).eval()
+    vit, cnn = net.backbone.vit, net.backbone.vit.patch_embed.backbone
+    assert net.backbone.patch_size == 32 and net.backbone.num_prefix_tokens == 0 and net.meta["dim"] == 16
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        tokens = net.backbone.forward_features(x)
+        assert torch.allclose(tokens, vit.forward_features(x), atol=1e-6)  # timm's own forward at its size
+        projected = vit.patch_embed.proj(cnn.forward_features(x)).flatten(2).transpose(1, 2) + vit.pos_embed
+        assert (tokens - projected).norm() < 1e-3 * projected.norm()  # LayerScale 1e-5: blocks start as identity
+        assert net.backbone.forward_features(torch.randn(1, 3, 100, 70)).shape == (1, 3 * 2, 32)
+        ms = describe(net, torch.randn(2, 3, 96, 128), MULTI_SCALES)
+        assert ms.shape == (2, 16) and torch.allclose(ms.norm(dim=1), torch.ones(2), atol=1e-4)
+    stem, blocks = backbone_blocks(net.backbone)
+    assert len(blocks) == len(cnn.blocks) + 2  # the CNN's blocks (its conv_head joined to the last), the ViT's
+    frozen = {id(p) for part in [*stem, *blocks[:len(cnn.blocks)]] for p in part.parameters()}
+    assert {id(p) for p in cnn.parameters()} == frozen
+    rebuilt = load_checkpoint(save_checkpoint(tmp_path / "hybrid.pth", net)).eval()
+    assert rebuilt.meta["architecture"] == "hybrid:test_efficientnet"
+    with torch.inference_mode():
+        assert torch.allclose(rebuilt(x), net(x), atol=1e-6)
+
+
+def test_hybrid_cnn_keeps_its_shipped_imagenet_weights():
+    net = create_model("hybrid:tf_efficientnet_lite0", pretrained="efficientnet_lite0", pooling="gem_tokens",
+                       backbone_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
+    trunk = net.backbone.vit.patch_embed.backbone.state_dict()
+    reference = create_backbone("tf_efficientnet_lite0", "efficientnet_lite0").state_dict()
+    assert trunk.keys() == reference.keys() and all(torch.equal(trunk[k], reference[k]) for k in reference)
+    assert net.meta["mean"] == [0.5, 0.5, 0.5] and net.meta["pretrained"] == "efficientnet_lite0"
+    with pytest.raises(ValueError, match="is for tf_efficientnet_lite0, not resnet18"):
+        create_model("hybrid:resnet18", pretrained="efficientnet_lite0", pooling="gem_tokens")
+    with pytest.raises(ValueError, match="patch_size is fixed for a hybrid ViT"):
+        create_model("hybrid:test_efficientnet", pretrained=None, pooling="gem_tokens",
+                     backbone_kwargs={"patch_size": 2})
 
 
 def test_open_clip_tower_cls_pooling_is_the_clip_image_embedding():
@@ -64,8 +115,6 @@ def test_token_poolings_closed_form_and_backbone_fit():
         create_model(**TINY_VIT, pooling="gem")
     with pytest.raises(ValueError, match="does not fit test_efficientnet"):
         create_model("test_efficientnet", pretrained=None, pooling="cls")
-    with pytest.raises(ValueError, match="hybrid ViTs"):  # the adapter would skip their CNN stem
-        create_model("vit_tiny_r_s16_p8_224", pretrained=None, pooling="cls")
 
 
 def test_vit_checkpoint_rebuilds_with_its_kwargs_stride_and_resolutions(tmp_path):

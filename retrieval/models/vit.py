@@ -13,6 +13,13 @@ and the position embeddings learned for the pretraining grid are resampled to th
 ``patch_stride`` below the patch size makes patches overlap (GUIE 2022 1st place: stride 10 for
 patch 14 in its last 290-px stage); it only changes the patch convolution's stride.
 
+Hybrid ViTs (Dosovitskiy et al., ICLR 2021, "R50+ViT-B/16"): timm's ``HybridEmbed`` makes the
+patches from a CNN's feature map (a 1x1 or p x p convolution on it), so a patch is the CNN's whole
+reduction (32 px for EfficientNet, ResNet-26) and the image is fitted to that grid; their patches
+cannot overlap (``patch_stride`` is refused). `create_hybrid_vit` builds one over any timm CNN
+(``hybrid:<cnn>``, the CNN's ImageNet weights from `retrieval.models.backbones`); timm's own
+hybrids (``vit_small_r26_s32_224``, ...) go through the same adapter.
+
 open_clip towers are projected token by token: ``ln_post`` then ``proj`` on every token, so
 ``cls`` pooling gives exactly the CLIP image embedding and the other poolings live in that space.
 """
@@ -86,12 +93,17 @@ class _TokenBackbone(nn.Module):
 
 
 class TimmViT(_TokenBackbone):
-    """A timm ``VisionTransformer`` (class / register tokens, learned absolute position embeddings)."""
+    """A timm ``VisionTransformer`` (class / register tokens, learned absolute position embeddings),
+    with a plain patch embedding or a hybrid one (``HybridEmbed``: patches from a CNN's feature map)."""
 
     def __init__(self, vit: nn.Module, patch_stride: int | None = None) -> None:
+        from timm.layers import HybridEmbed
+
         super().__init__()
         self.vit = vit
-        self.patch_size = int(vit.patch_embed.patch_size[0])
+        self.hybrid = isinstance(vit.patch_embed, HybridEmbed)
+        # a hybrid's patch is the CNN's reduction times the patch of the projection on its map
+        self.patch_size = int(vit.patch_embed.feat_ratio() if self.hybrid else vit.patch_embed.patch_size[0])
         self.pos_grid = tuple(vit.patch_embed.grid_size)
         self.num_features = int(vit.num_features)
         self.num_prefix_tokens = int(vit.num_prefix_tokens)
@@ -100,11 +112,26 @@ class TimmViT(_TokenBackbone):
     def _patch_conv(self) -> nn.Conv2d:
         return self.vit.patch_embed.proj
 
+    def set_patch_stride(self, stride: int | None) -> None:
+        if not self.hybrid:
+            return super().set_patch_stride(stride)
+        if stride not in (None, self.patch_size):
+            raise ValueError(f"patch_stride is not supported for hybrid ViTs (their patches are CNN features at "
+                             f"stride {self.patch_size}), got {stride}")
+        self.patch_stride = self.patch_size
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.vit
-        x = v.patch_embed.proj(fit_to_grid(x, self.patch_size, self.patch_stride))
+        v, embed = self.vit, self.vit.patch_embed
+        x = fit_to_grid(x, self.patch_size, self.patch_stride)
+        if self.hybrid:
+            x = embed.backbone(x)
+            x = embed.proj(x[-1] if isinstance(x, list | tuple) else x)  # the last map of a feature list
+        else:
+            x = embed.proj(x)
         grid = tuple(int(g) for g in x.shape[-2:])
-        x = v.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        x = x.flatten(2).transpose(1, 2)
+        if not self.hybrid:
+            x = embed.norm(x)
         prefix = [t.expand(x.shape[0], -1, -1) for t in (v.cls_token, v.reg_token) if t is not None]
         if v.pos_embed is None:
             x = torch.cat([*prefix, x], dim=1)
@@ -117,9 +144,16 @@ class TimmViT(_TokenBackbone):
         return v.norm(v.blocks(x))
 
     def stem_and_blocks(self) -> tuple[list[nn.Module | nn.Parameter], list[nn.Module]]:
+        """Plain: the patch embedding, position embeddings and class token, then the blocks. Hybrid: the
+        CNN's stem, then its blocks (the last one with what follows it in the CNN, e.g. EfficientNet's
+        conv_head, so ``frozen_blocks`` = its block count freezes the whole CNN), then the transformer's
+        blocks; the patch projection and position embeddings train unless ``freeze_backbone``."""
         v = self.vit
         params = [p for p in (v.cls_token, v.reg_token, v.pos_embed) if isinstance(p, nn.Parameter)]
-        return [v.patch_embed, *params, v.norm_pre], list(v.blocks)
+        if not self.hybrid:
+            return [v.patch_embed, *params, v.norm_pre], list(v.blocks)
+        stem, cnn_blocks = cnn_stem_and_blocks(v.patch_embed.backbone)
+        return stem, [*cnn_blocks, *v.blocks]
 
 
 class OpenClipViT(_TokenBackbone):
@@ -155,17 +189,61 @@ class OpenClipViT(_TokenBackbone):
         return [v.conv1, v.class_embedding, v.positional_embedding, v.ln_pre], list(v.transformer.resblocks)
 
 
+def cnn_stem_and_blocks(cnn: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """A hybrid's CNN as ``(stem, blocks)``: its own split (`retrieval.models.backbones.backbone_blocks`)
+    with the modules after its blocks joined to the last block; a CNN without blocks (a ResNet stem
+    alone, as in ``vit_tiny_r_s16_p8_224``) is all stem."""
+    from retrieval.models.backbones import backbone_blocks
+
+    try:
+        stem, blocks = backbone_blocks(cnn)
+    except ValueError:
+        return [cnn], []
+    children = list(cnn.children())
+    last = next(i for i, m in enumerate(children) if m is blocks[-1] or any(c is blocks[-1] for c in m.children()))
+    tail = [m for m in children[last + 1:] if any(True for _ in m.parameters())]
+    if tail:  # a grouping for requires_grad_, not a layer
+        blocks = [*blocks[:-1], nn.ModuleList([blocks[-1], *tail])]
+    return stem, blocks
+
+
 def is_vit(model: nn.Module) -> bool:
-    """A timm model the `TimmViT` adapter drives: a ``VisionTransformer`` with a plain patch embedding
-    (hybrids, whose patches come from a CNN, are refused: the adapter would skip their CNN)."""
-    from timm.layers import PatchEmbed
+    """A timm model the `TimmViT` adapter drives: a ``VisionTransformer`` with a plain patch embedding or a
+    hybrid one (``HybridEmbed``); any other patch embedding is refused."""
+    from timm.layers import HybridEmbed, PatchEmbed
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
         return False
-    if not isinstance(model.patch_embed, PatchEmbed):
-        raise ValueError(f"{type(model.patch_embed).__name__}: hybrid ViTs (CNN patch embedding) are not supported")
+    if not isinstance(model.patch_embed, PatchEmbed | HybridEmbed):
+        raise ValueError(f"{type(model.patch_embed).__name__}: only ViTs with timm's PatchEmbed or HybridEmbed "
+                         "(a CNN's feature map as patches) are supported")
     return True
+
+
+def create_hybrid_vit(cnn: nn.Module, vit_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A timm ``VisionTransformer`` whose patches are ``cnn``'s feature map (``cnn(x)``: ``(B, C, h, w)``)
+    through a 1x1 projection to the transformer width (the ViT paper's hybrid, patch size 1).
+
+    ``vit_kwargs`` go to ``VisionTransformer`` (``depth``, ``embed_dim``, ``num_heads``, ``img_size``: the
+    position-embedding grid is the CNN's map of that size; ``init_values``: LayerScale, which near 0 makes
+    the untrained transformer pass the projected CNN map through; ``class_token``, ``final_norm``, ...).
+    ``cnn``'s weights are kept: the ViT's initialisation (of every Linear in the model) is undone for them.
+    """
+    from functools import partial
+
+    from timm.layers import HybridEmbed
+    from timm.models.vision_transformer import VisionTransformer
+
+    kwargs = {"img_size": 224, **(vit_kwargs or {})}
+    for key in ("patch_size", "embed_layer", "num_classes", "in_chans"):
+        if key in kwargs:
+            raise ValueError(f"backbone_kwargs: {key} is fixed for a hybrid ViT (patches are the CNN's map)")
+    weights = {k: v.clone() for k, v in cnn.state_dict().items()}
+    vit = VisionTransformer(embed_layer=partial(HybridEmbed, backbone=cnn), patch_size=1, num_classes=0,
+                            global_pool="", **kwargs)
+    cnn.load_state_dict(weights)
+    return vit
 
 
 def open_clip_tower(name: str, overrides: dict[str, Any] | None = None) -> nn.Module:
