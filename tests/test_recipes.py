@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import write_labelled_folder
-from retrieval.models import load_checkpoint
+from retrieval.models import create_backbone, load_checkpoint
 from retrieval.runner import build_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,18 +94,31 @@ def _results(out: Path, setting: str = "default") -> dict:
 
 
 @pytest.mark.slow
-def test_v4_small_vit_trains_extracts_and_reports_map_and_mp5(tmp_path):
+def test_v4_hybrid_vit_trains_the_transformer_on_the_frozen_cnn_then_the_cnn_and_reports_map_and_mp5(tmp_path):
+    params = recipe("v4").params
     record = run_job("v4", tmp_path / "v4", {
-        "data_root": str(tmp_path / "data"), "synthetic_size": "tiny", "epochs": 1, "warmup_epochs": 0,
-        "backbone_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2, "img_size": 64}, "batch_size": 8,
-        "size_templates": [[64, 64]], "image_size": 64, "num_workers": 0, "progress": False})
+        "data_root": str(tmp_path / "data"), "synthetic_size": "tiny", "stages": small_stages(params),
+        "backbone_kwargs": {**params["backbone_kwargs"], "img_size": 64, "depth": 1, "embed_dim": 32, "num_heads": 2},
+        "batch_size": 8, "size_templates": [[64, 64]], "image_size": 64, "num_workers": 0, "progress": False})
     assert record["results"][0]["metrics"]["medium"]["map"] > 0
     res = _results(tmp_path / "v4")
-    assert res["params"]["architecture"] == "vit_tiny_patch16_224" and 0 <= res["mp@5"] <= 1
-    log = list(csv.DictReader((tmp_path / "v4" / "default" / "train_log.csv").open()))
-    assert "val_mp@5" in log[0]
-    row = next(csv.DictReader((tmp_path / "v4" / "results.csv").open()))
-    assert row["mp5"] != "" and row["map_m"] != ""
+    assert res["params"]["architecture"] == "hybrid:tf_efficientnet_lite0" and 0 <= res["mp@5"] <= 1
+    out = tmp_path / "v4" / "default"
+    log = list(csv.DictReader((out / "train_log.csv").open()))
+    assert "val_mp@5" in log[0] and [r["stage"] for r in log[1:]] == ["0", "1"]
+    # stage 1 trains the transformer on the frozen ImageNet CNN; stage 2 its last blocks and conv_head too
+    imagenet = create_backbone("tf_efficientnet_lite0", "efficientnet_lite0").state_dict()
+    e1, e2 = (torch.load(out / f"ep{i}.pth", weights_only=True)["state_dict"] for i in (1, 2))
+    cnn = "backbone.vit.patch_embed.backbone."
+    for key in ("blocks.0.0.conv_dw.weight", "blocks.6.0.conv_pwl.weight", "conv_head.weight"):
+        assert torch.equal(e1[cnn + key], imagenet[key]), key
+    assert torch.equal(e2[cnn + "blocks.3.0.conv_pw.weight"], imagenet["blocks.3.0.conv_pw.weight"])
+    assert not torch.equal(e2[cnn + "blocks.6.0.conv_pwl.weight"], imagenet["blocks.6.0.conv_pwl.weight"])
+    block = "backbone.vit.blocks.0.mlp.fc2.weight"
+    assert not torch.equal(e1[block], e2[block])
+    net = load_checkpoint(out / "ep2.pth").eval()
+    with torch.inference_mode():
+        assert net(torch.randn(1, 3, 96, 64)).shape == (1, 64)
 
 
 @pytest.mark.slow
