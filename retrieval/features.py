@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 SCHEMA = "retrieval.features"
 SCHEMA_VERSION = 1
 STR_DTYPE = h5py.string_dtype("utf-8")
+# attributes that describe a file's own writing, not its contents: not copied into files derived from it
+BOOKKEEPING_ATTRS = ("schema", "schema_version", "complete", "cursor", "rows", "n_skipped", "n_inputs", "signature",
+                     "dim")
 
 
 class SchemaError(ValueError):
@@ -108,25 +111,90 @@ def write_features(path: str | os.PathLike, ids: Sequence[str], feats: np.ndarra
     return path
 
 
-def read_features(path: str | os.PathLike, dtype: np.dtype | None = np.float32) -> tuple[list[str], np.ndarray, dict]:
-    """``(ids, feats, attrs)`` of a complete features file; a wrong schema is a one-line `SchemaError`."""
-    path = Path(path)
+def _open_complete(path: Path) -> h5py.File:
+    """A complete features file opened for reading; a missing, foreign or partial file is a one-line error."""
     if not path.is_file():
         raise FileNotFoundError(f"features file not found: {path}")
     try:
         f = h5py.File(path, "r")
     except OSError as err:
         raise SchemaError(f"{path}: not a readable HDF5 file ({err})") from None
-    with f:
+    try:
         check_schema(f, path)
         if not f.attrs.get("complete", False):
             raise SchemaError(f"{path}: incomplete features file (complete=False)")
+    except SchemaError:
+        f.close()
+        raise
+    return f
+
+
+def read_features(path: str | os.PathLike, dtype: np.dtype | None = np.float32) -> tuple[list[str], np.ndarray, dict]:
+    """``(ids, feats, attrs)`` of a complete features file; a wrong schema is a one-line `SchemaError`."""
+    path = Path(path)
+    with _open_complete(path) as f:
         ids = read_strings(f["ids"])
         feats = f["feats"][()]
         attrs = _decode_attrs(f.attrs)
     if dtype is not None:
         feats = feats.astype(dtype, copy=False)
     return ids, feats, attrs
+
+
+class FeaturesReader:
+    """A complete features file read in pieces: its ids, attributes, blocks of rows, chosen rows.
+
+    Memory is what the caller asks for (one block, the rows it names), so a database larger
+    than RAM is searched block by block. Rows come back as float32 whatever the stored dtype
+    (float16 files included). Use as a context manager, or call `close`.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.file = _open_complete(self.path)
+        self.feats: h5py.Dataset = self.file["feats"]
+        self.attrs = _decode_attrs(self.file.attrs)
+        self._ids: list[str] | None = None
+
+    def __enter__(self) -> FeaturesReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def __len__(self) -> int:
+        return int(self.feats.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.feats.shape[1])
+
+    @property
+    def ids(self) -> list[str]:
+        if self._ids is None:
+            self._ids = read_strings(self.file["ids"])
+        return self._ids
+
+    def blocks(self, block_rows: int = 65536, start: int = 0, stop: int | None = None
+               ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, float32 rows)`` of consecutive blocks of at most ``block_rows`` rows."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        for s in range(start, stop, max(1, int(block_rows))):
+            yield s, self.feats[s:min(s + block_rows, stop)].astype(np.float32, copy=False)
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """The float32 rows ``index`` (any order, repeats allowed), in that order."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        if index.size == 0:
+            return np.zeros((0, self.dim), np.float32)
+        if index.min() < 0 or index.max() >= len(self):
+            raise IndexError(f"{self.path}: row index out of range 0..{len(self) - 1}")
+        unique, inverse = np.unique(index, return_inverse=True)  # h5py reads increasing indices
+        return self.feats[unique].astype(np.float32, copy=False)[inverse]
 
 
 class FeatureWriter:
@@ -250,8 +318,6 @@ def merge_features(shards: Sequence[str | os.PathLike], path: str | os.PathLike,
         skipped += [(offset + i, reason) for i, reason in read_skipped(shard)]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: shards {list(map(str, shards))} share ids; they must be disjoint")
-    keep = {k: v for k, v in base_attrs.items()
-            if k not in ("schema", "schema_version", "complete", "cursor", "rows", "n_skipped", "n_inputs",
-                         "signature", "dim")}
+    keep = {k: v for k, v in base_attrs.items() if k not in BOOKKEEPING_ATTRS}
     feats = np.concatenate(parts) if parts else np.zeros((0, int(base_attrs.get("dim", 0))), np.float32)
     return write_features(path, ids, feats, skipped, **{**keep, "shards": len(shards), **attrs})
