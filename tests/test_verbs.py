@@ -22,7 +22,7 @@ from retrieval.runner import build_cli
 
 REPO = Path(__file__).resolve().parents[1]
 VERBS = ("job", "tuning", "predict", "evaluate", "submit", "multigpu-predict", "launch-slurm", "launch-qsub",
-         "serve", "clean")
+         "serve", "clean", "index", "whiten", "ensemble")
 
 EXPERIMENT = """
 from retrieval.runner import main
