@@ -39,7 +39,7 @@ from retrieval.search import knn_file, write_ranks
 logger = logging.getLogger(__name__)
 
 # evaluation settings an experiment may set (never part of a training setting's name)
-SEARCH_PARAMS = ("topk", "index", "nprobe", "efsearch", "whiten", "search_block", "search_batch")
+SEARCH_PARAMS = ("topk", "index", "nprobe", "efsearch", "k_factor", "whiten", "search_block", "search_batch")
 FULL_RANKING_MAX = 10**8  # Q·N ranks kept by default (1.2 GB of ranks + scores); beyond, the top TRUNCATED_TOPK
 TRUNCATED_TOPK = 1000
 GLDV2_K = 100  # GLDv2's mAP@100

@@ -37,7 +37,15 @@ from retrieval.data.trainset import TrainSet, load_train_set
 from retrieval.evaluate import SEARCH_PARAMS, evaluate_features, load_pair
 from retrieval.extract import MULTI_SCALES, extract_on_devices
 from retrieval.features import FeaturesReader, read_features
-from retrieval.index import PARAMS_FILE, SavedIndex, build_index, index_slug, load_index, save_index
+from retrieval.index import (
+    PARAMS_FILE,
+    SavedIndex,
+    build_index,
+    index_slug,
+    load_index,
+    save_index,
+    set_search_params,
+)
 from retrieval.models import RetrievalNet, create_model, load_checkpoint
 from retrieval.postprocess import Whitening, ensemble_features, learn_whitening, load_whitening, save_whitening
 from retrieval.recognition import (
@@ -228,7 +236,7 @@ def index_dir(folder: Path, dataset: str, ms: bool, factory: str, whiten: str | 
 def experiment_index(exp: Experiment, folder: Path, ds: RetrievalDataset, ms: bool,
                      whitening: Whitening | None, flags: str) -> SavedIndex | None:
     """The saved index the ``index`` param names (a factory string; None: exact search), with ``nprobe`` /
-    ``efsearch`` from the params."""
+    ``efsearch`` / ``k_factor`` from the params."""
     factory = exp.params.get("index")
     if not factory:
         return None
@@ -236,7 +244,7 @@ def experiment_index(exp: Experiment, folder: Path, ds: RetrievalDataset, ms: bo
     if not (path / PARAMS_FILE).is_file():
         raise FileNotFoundError(f"{path}: no saved index; run `index --factory {factory}{flags}` first")
     p = exp.params
-    return load_index(path, nprobe=p.get("nprobe"), efsearch=p.get("efsearch"))
+    return load_index(path, nprobe=p.get("nprobe"), efsearch=p.get("efsearch"), k_factor=p.get("k_factor"))
 
 
 def evaluate(exp: Experiment, checkpoint: Path | None, ms: bool, methods: Sequence[str],
@@ -265,7 +273,7 @@ def build_experiment_index(exp: Experiment, checkpoint: Path | None, ms: bool, f
                            ensemble: str | None = None, train_rows: int | None = None,
                            search: dict[str, int | None] | None = None, knn_graph_k: int | None = None) -> Path:
     """The ``index`` verb: an index of the dataset's database features (whitened when ``whiten`` is set),
-    saved under `index_dir`; ``search`` overrides the saved ``nprobe`` / ``efsearch`` defaults;
+    saved under `index_dir`; ``search`` overrides the saved ``nprobe`` / ``efsearch`` / ``k_factor`` defaults;
     ``knn_graph_k``: also the database's kNN graph (``knn_graph_k<K>.h5`` beside it) from that index."""
     from retrieval.search import build_knn_graph_file
 
@@ -276,7 +284,9 @@ def build_experiment_index(exp: Experiment, checkpoint: Path | None, ms: bool, f
     progress = bool(exp.params.get("progress", True))
     seed = int(exp.params.get("seed", 0))
     index, stats = build_index(db, factory, train_rows=train_rows, seed=seed, transform=whitening, progress=progress)
-    stats["search"].update({k: int(v) for k, v in (search or {}).items() if v is not None})
+    given = {k: int(v) for k, v in (search or {}).items() if v is not None}
+    set_search_params(index, **given)  # a parameter this index lacks fails here, not at every load
+    stats["search"].update(given)
     with FeaturesReader(db) as reader:
         ids = reader.ids
     stat = db.stat()

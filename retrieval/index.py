@@ -11,7 +11,8 @@ numpy arrays in, ``(scores, ids)`` out like `retrieval.search.knn`:
   order = index ids) and ``index.json`` (the parameters: factory, metric, dim, the features
   file, whitening, training rows, search defaults, build seconds);
 - `load_index` reloads it (onto all GPUs when faiss has them, sharded), with ``nprobe`` /
-  ``efsearch`` (HNSW's efSearch) from the saved defaults or the caller; `SavedIndex.search` searches queries in
+  ``efsearch`` (HNSW's efSearch) / ``k_factor`` (a refine stage, ``...,RFlat``) from the saved
+  defaults or the caller; `SavedIndex.search` searches queries in
   batches.
 
 The ``index`` verb of the runner builds one for an experiment's database features
@@ -43,7 +44,8 @@ logger = logging.getLogger(__name__)
 INDEX_FILE, IDS_FILE, PARAMS_FILE = "index.faiss", "ids.h5", "index.json"
 INDEX_SCHEMA = "retrieval.index"
 INDEX_SCHEMA_VERSION = 1
-SEARCH_PARAMS = {"nprobe": "nprobe", "efsearch": "efSearch"}  # our name -> FAISS's
+# our name -> FAISS ParameterSpace names tried in turn (k_factor: the refine stage of "...,RFlat" / IVFPQR)
+SEARCH_PARAMS = {"nprobe": ("nprobe",), "efsearch": ("efSearch",), "k_factor": ("k_factor_rf", "k_factor")}
 
 
 def create_index(factory: str, dim: int) -> faiss.Index:
@@ -69,18 +71,22 @@ def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
 
 
 def default_search_params(index: faiss.Index, factory: str) -> dict[str, int]:
-    """Search defaults saved with a new index: IVF probes 1/64 of its cells, HNSW explores 64 candidates."""
+    """Search defaults saved with a new index: IVF probes 1/64 of its cells, HNSW explores 64 candidates,
+    a refine stage re-ranks 16·k candidates exactly."""
     out = {}
     ivf = _ivf(index)
     if ivf is not None:
         out["nprobe"] = max(1, ivf.nlist // 64)
     if "HNSW" in factory.upper():
         out["efsearch"] = 64
+    if isinstance(index, faiss.IndexRefine):
+        out["k_factor"] = 16
     return out
 
 
 def set_search_params(index: faiss.Index, **params: int | None) -> dict[str, int]:
-    """Set ``nprobe`` / ``efsearch`` (None: leave as is) through FAISS's ParameterSpace; returns what was set.
+    """Set ``nprobe`` / ``efsearch`` / ``k_factor`` (None: leave as is) through FAISS's ParameterSpace;
+    returns what was set.
 
     A parameter the index does not have (``nprobe`` on HNSW, ...) is a ValueError naming it.
     """
@@ -91,10 +97,14 @@ def set_search_params(index: faiss.Index, **params: int | None) -> dict[str, int
             continue
         if name not in SEARCH_PARAMS:
             raise ValueError(f"unknown search parameter {name!r}; expected one of {', '.join(SEARCH_PARAMS)}")
-        try:
-            space.set_index_parameter(index, SEARCH_PARAMS[name], int(value))
-        except RuntimeError:
-            raise ValueError(f"{type(index).__name__}: this index has no search parameter {name!r}") from None
+        for faiss_name in SEARCH_PARAMS[name]:
+            try:
+                space.set_index_parameter(index, faiss_name, int(value))
+                break
+            except RuntimeError:
+                continue
+        else:
+            raise ValueError(f"{type(index).__name__}: this index has no search parameter {name!r}")
         done[name] = int(value)
     return done
 
@@ -245,9 +255,9 @@ class SavedIndex:
 
 
 def load_index(folder: str | os.PathLike, *, gpus: Sequence[int] | None = None, nprobe: int | None = None,
-               efsearch: int | None = None) -> SavedIndex:
-    """Reload a folder `save_index` wrote; ``nprobe`` / ``efsearch`` (HNSW's efSearch) override its saved
-    search defaults."""
+               efsearch: int | None = None, k_factor: int | None = None) -> SavedIndex:
+    """Reload a folder `save_index` wrote; ``nprobe`` / ``efsearch`` (HNSW's efSearch) / ``k_factor`` (a
+    refine stage's candidates per result) override its saved search defaults."""
     folder = Path(folder)
     if not (folder / PARAMS_FILE).is_file():
         raise FileNotFoundError(f"{folder}: no saved index here ({PARAMS_FILE} missing); build it with the index verb")
@@ -259,8 +269,8 @@ def load_index(folder: str | os.PathLike, *, gpus: Sequence[int] | None = None, 
         ids = read_strings(f["ids"])
     if index.ntotal != len(ids):
         raise ValueError(f"{folder}: {INDEX_FILE} holds {index.ntotal} vectors but {IDS_FILE} {len(ids)} ids")
-    search = {**params.get("search", {}), **{k: v for k, v in (("nprobe", nprobe), ("efsearch", efsearch))
-                                                if v is not None}}
+    given = {"nprobe": nprobe, "efsearch": efsearch, "k_factor": k_factor}
+    search = {**params.get("search", {}), **{k: v for k, v in given.items() if v is not None}}
     index = to_gpus(index, gpus)
     params["search"] = set_search_params(index, **search)
     return SavedIndex(index, ids, params, folder)

@@ -180,6 +180,9 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
                                   "[default: params index; none: exact]"),
                 click.option("--nprobe", type=int, default=None, help="IVF cells searched [default: the index's]"),
                 click.option("--efsearch", type=int, default=None, help="HNSW efSearch [default: the index's]"),
+                click.option("--k-factor", type=int, default=None,
+                             help="a refine stage (...,RFlat): candidates re-ranked exactly per result "
+                                  "[default: the index's]"),
                 click.option("--whiten", default=None, metavar="NAME",
                              help="apply the whitening learned by `whiten --name NAME` [default: params whiten]")]):
             fn = opt(fn)
@@ -203,10 +206,10 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
     @click.option("--html-queries", type=int, default=10, show_default=True)
     @click.pass_obj
     def evaluate_cmd(exp: Experiment, checkpoint: Path | None, ms: bool, rerank: str, topk: int | None,
-                     index: str | None, nprobe: int | None, efsearch: int | None, whiten: str | None,
-                     ensemble: str | None, html_queries: int) -> None:
+                     index: str | None, nprobe: int | None, efsearch: int | None, k_factor: int | None,
+                     whiten: str | None, ensemble: str | None, html_queries: int) -> None:
         methods = _rerank_methods(rerank)
-        _set_search(exp, topk=topk, index=index, nprobe=nprobe, efsearch=efsearch, whiten=whiten)
+        _set_search(exp, topk=topk, index=index, nprobe=nprobe, efsearch=efsearch, k_factor=k_factor, whiten=whiten)
         if str(exp.params.get("index")).lower() in ("none", "exact"):
             exp.params["index"] = None
         results = _run(evaluate, exp, checkpoint, ms, methods, html_queries, ensemble)
@@ -222,17 +225,18 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
                   help="rows sampled to train it [default: 64 per IVF cell, at least 65536]")
     @click.option("--nprobe", type=int, default=None, help="saved IVF search default [default: nlist/64]")
     @click.option("--efsearch", type=int, default=None, help="saved HNSW search default [default: 64]")
+    @click.option("--k-factor", type=int, default=None, help="saved refine-stage default (...,RFlat) [default: 16]")
     @click.option("--whiten", default=None, metavar="NAME", help="index the rows whitened by NAME")
     @click.option("--knn-graph", "knn_graph_k", type=int, default=None, metavar="K",
                   help="also store the database's K-NN graph (HDF5) searched in this index")
     @ensemble_opt
     @click.pass_obj
     def index_cmd(exp: Experiment, checkpoint: Path | None, ms: bool, factory: str, train_rows: int | None,
-                  nprobe: int | None, efsearch: int | None, whiten: str | None, knn_graph_k: int | None,
-                  ensemble: str | None) -> None:
+                  nprobe: int | None, efsearch: int | None, k_factor: int | None, whiten: str | None,
+                  knn_graph_k: int | None, ensemble: str | None) -> None:
         _set_search(exp, whiten=whiten)
         out = _run(build_experiment_index, exp, checkpoint, ms, factory, ensemble, train_rows,
-                   {"nprobe": nprobe, "efsearch": efsearch}, knn_graph_k)
+                   {"nprobe": nprobe, "efsearch": efsearch, "k_factor": k_factor}, knn_graph_k)
         click.echo(str(out))
 
     @cli.command("whiten", help="Learn a PCA-whitening (optional shrinkage / fewer dims) on a separate set; "

@@ -392,6 +392,6 @@ def load_service(net: RetrievalNet, features: str | os.PathLike, *, table: Image
     saved = None
     if index is not None:
         p = dict(params or {})
-        saved = load_index(index, nprobe=p.get("nprobe"), efsearch=p.get("efsearch"))
+        saved = load_index(index, nprobe=p.get("nprobe"), efsearch=p.get("efsearch"), k_factor=p.get("k_factor"))
     return SearchService(net, ids, feats, attrs, table=table, methods=methods, params=params, limits=limits,
                          device=device, features_path=features, index=saved)

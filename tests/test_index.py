@@ -42,7 +42,7 @@ def recall_at_10(ids, exact):  # random ids would score 10 / 4000
 
 
 @pytest.mark.parametrize("factory, recall", [("Flat", 1.0), ("IVF32,Flat", 0.9), ("IVF32,PQ8x4", 0.2),
-                                             ("HNSW16", 0.9), ("PCA16,IVF16,SQ8", 0.2)])
+                                             ("IVF32,PQ8x4fs,RFlat", 0.9), ("HNSW16", 0.9), ("PCA16,IVF16,SQ8", 0.2)])
 def test_factory_strings_build_inner_product_indexes_from_a_file(clustered, factory, recall):
     path, _, x, q = clustered
     _, exact = knn(q, x, 10)
@@ -50,8 +50,9 @@ def test_factory_strings_build_inner_product_indexes_from_a_file(clustered, fact
     assert index.ntotal == len(x) and index.metric_type == 0  # faiss.METRIC_INNER_PRODUCT
     assert stats["dim"] == 32 and stats["ntotal"] == 4000 and stats["add_s"] >= 0
     if factory.startswith("IVF"):
-        assert stats["train_rows"] == 4000 and stats["search"] == {"nprobe": 1}
-        set_search_params(index, nprobe=8)
+        refine = {"k_factor": 16} if factory.endswith("RFlat") else {}  # PQ codes, then 16·k re-ranked exactly
+        assert stats["train_rows"] == 4000 and stats["search"] == {"nprobe": 1, **refine}
+        assert set_search_params(index, nprobe=8, **refine) == {"nprobe": 8, **refine}
     if factory.startswith("HNSW"):
         assert stats["search"] == {"efsearch": 64}
     scores, ids = search_batched(index, q, 10, batch=64)

@@ -47,8 +47,8 @@ class SyntheticVectors:
     n_queries: int = 10_000
     dim: int = 512
     cluster_size: int = 20
-    noise: float = 1.5
-    spread: float = 1.0
+    noise: float = 1.0
+    spread: float = 0.7
     seed: int = 0
 
     def __post_init__(self) -> None:
