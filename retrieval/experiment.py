@@ -343,13 +343,13 @@ def submit(exp: Experiment, checkpoint: Path | None, ms: bool, method: str) -> d
 
     Writes ``<setting>/<ckpt>/submit/<dataset>_<ss|ms>_<method>/{retrieval,recognition}_submission.csv``;
     landmarks are voted by the label set (`label_features`). Test images without features get
-    empty rows, so every test id is listed once.
+    empty rows, so every test id is listed once. A ``whiten`` param applies to every descriptor.
     """
     ds = exp.dataset()
     paths = _features_pair(exp, ds, checkpoint, ms)
     context = rerank_context(exp, ds, checkpoint, ms, [method], labels=True)  # recognition votes with them
-    train_feats, train_labels = context.train_features, context.train_labels
-    pair = load_pair(ds, paths["query"], paths["db"], context)
+    pair = load_pair(ds, paths["query"], paths["db"], context, experiment_whitening(exp, exp.setting_dir(checkpoint)))
+    train_feats, train_labels = pair.context.train_features, pair.context.train_labels
     ranks, _ = pair.rank(method, exp.params, k=MAX_IMAGES)
     labels = np.full(len(ds.queries), None, dtype=object)
     confidences = np.zeros(len(ds.queries), np.float32)

@@ -51,17 +51,18 @@ from retrieval.search import gpu_available, knn, knn_file, knn_numpy
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("sgemm", "exact", "ann", "evaluate", "numpy")
-# runs an experiment file in this process and reports its own peak RSS (the child's, not the bench's)
+# runs an experiment file in this process and reports its own peak RSS: VmHWM, the high-water mark of this
+# process image (ru_maxrss would carry the bench's own peak over fork + exec)
 CHILD = """
-import json, resource, runpy, sys, time
+import json, runpy, sys, time
 sys.argv = sys.argv[1:]
 t, code = time.perf_counter(), 0
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit as exit_:
     code = exit_.code or 0
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF)
-                  .ru_maxrss / 1024, "exit": code}), file=sys.stderr)
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss_mb": hwm / 1024, "exit": code}), file=sys.stderr)
 """
 
 
@@ -158,7 +159,10 @@ def main() -> None:
     parser.add_argument("--hnsw-rows", type=int, default=100_000)
     parser.add_argument("--efsearch", default="16,32,64,128")
     parser.add_argument("--eval-index", default="best",
-                        help="best (the fastest index of the ann section at recall 0.95) or none (exact, blocks)")
+                        help="best (the fastest index of the ann section at recall 0.95), none (exact, in blocks), "
+                             "or a factory an earlier run saved under --work")
+    parser.add_argument("--eval-search", default="",
+                        help="with a factory: its search params, e.g. nprobe=256,k_factor=16")
     parser.add_argument("--sections", default="sgemm,exact,ann,evaluate")
     parser.add_argument("--numpy-rows", type=int, default=100_000, help="database rows of the numpy section")
     parser.add_argument("--work", type=Path, default=None, help="data and indexes [default: a temporary folder]")
@@ -272,9 +276,12 @@ def main() -> None:
         if args.eval_index == "best":
             if best is None or best["rows"] != args.n_db:
                 raise SystemExit("--eval-index best: no index over all rows reached recall 0.95 in the ann section; "
-                                 "give --eval-index none (exact)")
+                                 "give --eval-index none (exact) or a factory the ann section saved")
             options += ["--index", best["index"], *(a for p_ in ("nprobe", "k_factor") if p_ in best
                                                       for a in (f"--{p_.replace('_', '-')}", str(best[p_])))]
+        elif args.eval_index != "none":  # a factory saved under --work by an earlier run's ann section
+            options += ["--index", args.eval_index, *(a for item in _split_pairs(args.eval_search)
+                                                      for a in (f"--{item[0].replace('_', '-')}", item[1]))]
         report = run_child([*base, "evaluate", *options])
         res = json.loads((work / "out" / "pretrained" / "eval" / f"{vectors.name}_ss_none" / "results.json")
                          .read_text())
@@ -306,6 +313,10 @@ def main() -> None:
 
     summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     emit(summary)
+
+
+def _split_pairs(text: str) -> list[tuple[str, str]]:
+    return [tuple(item.split("=", 1)) for item in text.split(",") if "=" in item]
 
 
 def _ints(text: str) -> list[int]:
