@@ -1,8 +1,9 @@
 """Evaluation: search + re-rank + metrics on features, and the files a finished evaluation leaves.
 
 `rank_dataset` is the one path from in-memory query / database descriptors to dataset-indexed
-rankings; `evaluate_features` (the runner's ``evaluate`` verb) and the trainer's per-epoch
-validation both go through the same search, so a validation mAP is the number ``evaluate`` prints.
+rankings (the trainer's per-epoch validation, and the chains that need the whole database);
+`evaluate_features` (the runner's ``evaluate`` verb) searches ``none`` / ``qe`` / ``aqe`` streamed,
+exactly and with the same neighbours, so a validation mAP is the number ``evaluate`` prints.
 
 Memory at scale: a method whose steps only need the database's top-k (``none``, ``qe``, ``aqe``)
 is searched without loading the database: exactly, reading the features file in blocks
