@@ -300,24 +300,55 @@ def read_skipped(path: str | os.PathLike) -> list[tuple[int, str]]:
         return list(zip(f["skipped_index"][()].tolist(), read_strings(f["skipped_reason"]), strict=True))
 
 
+MERGE_BLOCK = 65536  # rows a merge copies at a time
+
+
 def merge_features(shards: Sequence[str | os.PathLike], path: str | os.PathLike, offsets: Sequence[int],
                    **attrs: Any) -> Path:
     """Concatenate complete shard files (shard ``s`` described inputs from ``offsets[s]``) into ``path``.
 
     Ids must be unique across shards (Landmark2019's merge-by-id check); skipped inputs are
-    renumbered into the whole input list. Written atomically like every features file.
+    renumbered into the whole input list. Rows are copied ``MERGE_BLOCK`` at a time through a
+    `FeatureWriter` whose cursor counts inputs, so memory holds the ids but never the whole
+    matrix, and a killed merge resumes. ``attrs`` may set the whole job's ``signature`` and ``n_inputs``.
     """
+    heads = []
     ids: list[str] = []
-    parts, skipped = [], []
-    base_attrs: dict = {}
-    for shard, offset in zip(shards, offsets, strict=True):
-        shard_ids, feats, shard_attrs = read_features(shard, dtype=None)
-        base_attrs = base_attrs or shard_attrs
+    for shard in shards:
+        with _open_complete(Path(shard)) as f:
+            shard_ids = read_strings(f["ids"])
+            skipped = f["skipped_index"][()] if "skipped_index" in f else np.zeros(0, np.int64)
+            heads.append((Path(shard), len(shard_ids), int(f.attrs.get("n_inputs", len(shard_ids) + len(skipped))),
+                          skipped, f["feats"].dtype, int(f["feats"].shape[1]), _decode_attrs(f.attrs)))
         ids += shard_ids
-        parts.append(feats)
-        skipped += [(offset + i, reason) for i, reason in read_skipped(shard)]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: shards {list(map(str, shards))} share ids; they must be disjoint")
-    keep = {k: v for k, v in base_attrs.items() if k not in BOOKKEEPING_ATTRS}
-    feats = np.concatenate(parts) if parts else np.zeros((0, int(base_attrs.get("dim", 0))), np.float32)
-    return write_features(path, ids, feats, skipped, **{**keep, "shards": len(shards), **attrs})
+    if len(offsets) != len(heads):
+        raise ValueError(f"{path}: {len(heads)} shards but {len(offsets)} offsets")
+    base = heads[0][6] if heads else {}
+    keep = {k: v for k, v in base.items() if k not in BOOKKEEPING_ATTRS}
+    n_inputs = int(attrs.pop("n_inputs", sum(h[2] for h in heads)))
+    signature = str(attrs.pop("signature", ""))
+    dim = heads[0][5] if heads else int(base.get("dim", 0))
+    writer = FeatureWriter(path, n_inputs, dim, signature, dtype=str(heads[0][4]) if heads else "float32",
+                           attrs={**keep, "shards": len(shards), **attrs})
+    try:
+        row0 = 0
+        for (shard, n_rows, n_in, skipped, _, _, _), offset in zip(heads, offsets, strict=True):
+            shard_ids, row0 = ids[row0:row0 + n_rows], row0 + n_rows
+            if offset + n_in <= writer.cursor:
+                continue  # merged before a kill
+            reasons = read_skipped(shard)
+            described = np.setdiff1d(np.arange(n_in), skipped)  # row r of the shard is input described[r]
+            done = max(0, writer.cursor - offset)  # inputs of this shard already merged
+            first = int(np.searchsorted(described, done))
+            with h5py.File(shard, "r") as f:
+                for a in range(first, max(n_rows, first + 1), MERGE_BLOCK):
+                    b = min(n_rows, a + MERGE_BLOCK)
+                    upto = n_in if b == n_rows else int(described[b - 1]) + 1  # inputs covered after this block
+                    block_skipped = [(offset + i, r) for i, r in reasons if done <= i < upto]
+                    writer.append(offset + upto, shard_ids[a:b], f["feats"][a:b], block_skipped)
+                    done = upto
+        return writer.finish(shards=len(shards), **attrs)
+    finally:
+        writer.close()
