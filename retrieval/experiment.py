@@ -35,7 +35,7 @@ import torch
 from retrieval.data import ImageList, RetrievalDataset, load_dataset
 from retrieval.data.trainset import TrainSet, load_train_set
 from retrieval.evaluate import SEARCH_PARAMS, evaluate_features, load_pair
-from retrieval.extract import MULTI_SCALES, extract_on_devices
+from retrieval.extract import MULTI_SCALES, extract_on_devices, sizing_params
 from retrieval.features import FeaturesReader, read_features
 from retrieval.index import (
     PARAMS_FILE,
@@ -161,23 +161,31 @@ def features_path(setting_dir: Path, dataset: str, split: str, ms: bool) -> Path
     return setting_dir / "features" / dataset / f"{split}_{'ms' if ms else 'ss'}.h5"
 
 
+SPLIT_NAMES = {"query": "query", "queries": "query", "test": "query", "db": "db", "database": "db", "index": "db",
+               "train": "train"}
+
+
 def predict(exp: Experiment, checkpoint: Path | None, ms: bool, splits: Sequence[str],
             devices: Sequence[torch.device | str], batch_size: int, n_blocks: int | None = None,
-            block_id: int | None = None) -> list[Path]:
+            block_id: int | None = None, scale: str | None = None) -> list[Path]:
     """Extract features of the dataset's ``splits`` (and ``train``: the label set), spread over ``devices``
     and ``n_blocks`` blocks (`retrieval.extract.extract_on_devices`); returns the files (the block's
-    shards with ``block_id``)."""
+    shards with ``block_id``). Splits may be named as GLDv2 does (``index`` = db, ``test`` = query);
+    ``scale`` overrides the params' (`retrieval.extract.sizing_params`)."""
     p = exp.params
     scales = tuple(p.get("scales", MULTI_SCALES)) if ms else (1.0,)
     make_net = exp.make_net(checkpoint)
     out = []
-    for split in splits:
+    for name in splits:
+        if name not in SPLIT_NAMES:
+            raise ValueError(f"--splits: unknown split {name!r}; expected query (test), db (index) or train")
+        split = SPLIT_NAMES[name]
         folder, images = exp.split_images(split)
+        spec = (p.get("label_data") or p.get("train_set", "synthetic")) if split == "train" else p["dataset"]
         path = features_path(exp.setting_dir(checkpoint), folder, split, ms)
-        out.append(extract_on_devices(make_net, images, path, devices, n_blocks=n_blocks,
-                                      block_id=block_id, image_size=int(p.get("image_size", 512)), scales=scales,
-                                      resize=p.get("resize", "long"), batch_size=batch_size,
-                                      num_workers=int(p.get("num_workers", 0))))
+        out.append(extract_on_devices(make_net, images, path, devices, n_blocks=n_blocks, block_id=block_id,
+                                      scales=scales, batch_size=batch_size, num_workers=int(p.get("num_workers", 0)),
+                                      **sizing_params(p, spec, scale)))
     return out
 
 

@@ -136,8 +136,15 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
     devices_opt = click.option("-d", "--devices", default=None, help="device ids, e.g. 0,1 (no CUDA: CPU processes)")
 
     def predict_options(fn: Any) -> Any:
-        for opt in reversed([model_opt, ms_opt, click.option("-b", "--batch-size", type=int, default=None),
-                             devices_opt, click.option("--splits", default="query,db", show_default=True),
+        for opt in reversed([model_opt, ms_opt, click.option("-b", "--batch-size", type=int, default=None,
+                                                             help="images per forward batch [default: params "
+                                                                  "batch_size_eval]"),
+                             devices_opt, click.option("--splits", default="query,db", show_default=True,
+                                                       help="query (test), db (index), train"),
+                             click.option("--scale", default=None,
+                                          help="image sizing: exact (each image by params resize), aspect (aspect "
+                                               "buckets, long side image_size) or a template set (L2, L, M, S, ...: "
+                                               "Landmark2019's) [default: params scale, auto per dataset]"),
                              click.option("-n", "--n-blocks", type=int, default=None,
                                           help="cut the images into N blocks (shards), e.g. one per array task"),
                              click.option("-i", "--block-id", type=int, default=None,
@@ -146,10 +153,11 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
         return fn
 
     def _predict(exp: Experiment, checkpoint: Path | None, ms: bool, batch_size: int | None,
-                 devices: list[torch.device], splits: str, n_blocks: int | None, block_id: int | None) -> None:
+                 devices: list[torch.device], splits: str, scale: str | None, n_blocks: int | None,
+                 block_id: int | None) -> None:
         paths = _run(predict, exp, checkpoint, ms, _split(splits), devices,
                      batch_size or int(exp.params.get("batch_size_eval") or exp.params.get("batch_size", 32)),
-                     n_blocks, block_id)
+                     n_blocks, block_id, scale)
         for path in paths:
             click.echo(str(path))
 
@@ -157,18 +165,22 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
     @predict_options
     @click.pass_obj
     def predict_cmd(exp: Experiment, checkpoint: Path | None, ms: bool, batch_size: int | None,
-                    devices: str | None, splits: str, n_blocks: int | None, block_id: int | None) -> None:
+                    devices: str | None, splits: str, scale: str | None, n_blocks: int | None,
+                    block_id: int | None) -> None:
         devs = parse_devices(devices)
         if len(devs) > 1:
             logger.info("predict uses one device (%s); multigpu-predict spreads over all of -d", devs[0])
-        _predict(exp, checkpoint, ms, batch_size, devs[:1], splits, n_blocks, block_id)
+        _predict(exp, checkpoint, ms, batch_size, devs[:1], splits, scale, n_blocks, block_id)
 
-    @cli.command("multigpu-predict", help="predict with one process per device of -d; blocks merged by id.")
+    @cli.command("multigpu-predict", help="predict with one process per device of -d (CPU processes without "
+                                          "CUDA), each a contiguous block into its own resumable shard; merged by id "
+                                          "into predict's file.")
     @predict_options
     @click.pass_obj
     def multigpu_predict_cmd(exp: Experiment, checkpoint: Path | None, ms: bool, batch_size: int | None,
-                             devices: str | None, splits: str, n_blocks: int | None, block_id: int | None) -> None:
-        _predict(exp, checkpoint, ms, batch_size, parse_devices(devices), splits, n_blocks, block_id)
+                             devices: str | None, splits: str, scale: str | None, n_blocks: int | None,
+                             block_id: int | None) -> None:
+        _predict(exp, checkpoint, ms, batch_size, parse_devices(devices), splits, scale, n_blocks, block_id)
 
     ensemble_opt = click.option("--ensemble", default=None, metavar="NAME",
                                 help="the features of an ensemble (the ensemble verb) instead of one net's")

@@ -33,7 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retrieval.data.dataset import BBox, RetrievalDataset
 from retrieval.data.folder import read_image_csv
-from retrieval.data.images import ImageLoadError, crop_box, load_image, resize_to, to_tensor
+from retrieval.data.images import ImageLoadError, InputSize, crop_box, load_image, to_uint8_tensor
 from retrieval.extract import describe_grouped
 from retrieval.features import read_features
 from retrieval.index import SavedIndex, check_ids, load_index
@@ -222,9 +222,8 @@ class SearchService:
         self.rows = {image_id: i for i, image_id in enumerate(self.ids)}
         self.feats = feats
         self.attrs = dict(attrs)
-        self.image_size = int(self.attrs.get("image_size") or 0)
+        self.size = InputSize.from_attrs(self.attrs)  # the database's sizing: exact or its aspect buckets
         self.scales = tuple(float(s) for s in (self.attrs.get("scales") or (1.0,)))
-        self.resize = str(self.attrs.get("resize") or "long")
         self.table = table or ImageTable()
         self.params = dict(params or {})
         self.limits = limits
@@ -265,8 +264,7 @@ class SearchService:
                     img = crop_box(img, bbx)
                 except ImageLoadError as err:
                     raise RequestError(f"bbx: {err}") from None
-            img = resize_to(img, self.image_size, self.resize)
-            tensors.append((i, to_tensor(img, self.net.meta["mean"], self.net.meta["std"])))
+            tensors.append((i, to_uint8_tensor(self.size.apply(img))))
         asked = time.perf_counter()
         with self._net_lock:
             if timing is not None:
@@ -368,7 +366,8 @@ class SearchService:
             "features": str(self.features_path) if self.features_path else None,
             "index": {"type": self.index.describe() if self.index is not None else "Flat (exact inner product, FAISS)",
                       "size": len(self.ids), "dim": int(self.feats.shape[1])},
-            "embedding": {"image_size": self.image_size, "scales": list(self.scales), "resize": self.resize},
+            "embedding": {"image_size": self.size.image_size, "scales": list(self.scales), "resize": self.size.resize,
+                          "scale": self.size.scale},
             "rerank": self.methods,
             "images": {"with_file": sum(i in self.table.paths for i in self.ids),
                        "with_landmark_id": sum(i in self.table.labels for i in self.ids)},
