@@ -113,9 +113,9 @@ class CirtorchImages(Dataset):
         return to_tensor(img, self.mean, self.std)
 
 
-def batch1_loop(net, images: ImageList, scales, args, device: torch.device) -> np.ndarray:
+def batch1_loop(net, images: ImageList, image_size: int, scales, args, device: torch.device) -> np.ndarray:
     """cirtorch's ``extract_vectors``: one image per forward, decoding in ``--baseline-workers`` workers."""
-    loader = DataLoader(CirtorchImages(images, args.image_size, net.meta["mean"], net.meta["std"]), batch_size=1,
+    loader = DataLoader(CirtorchImages(images, image_size, net.meta["mean"], net.meta["std"]), batch_size=1,
                         num_workers=args.baseline_workers, shuffle=False, pin_memory=device.type == "cuda")
     vecs = np.zeros((len(images), net.meta["dim"]), np.float32)
     for i, x in enumerate(loader):
@@ -123,23 +123,28 @@ def batch1_loop(net, images: ImageList, scales, args, device: torch.device) -> n
     return vecs
 
 
-def image_sets(args, tmp: Path) -> dict[str, ImageList]:
-    """The mixed-size image sets, each repeated ``--repeat`` times (ids made unique)."""
+def image_sets(args, tmp: Path) -> dict[str, tuple[ImageList, int]]:
+    """``name -> (images, image_size)``: the mixed-size sets, each repeated ``--repeat`` times (ids made unique).
+
+    The built-in benchmark's images (long side 320) are described at ``--synthetic-image-size`` (320), so
+    that no variant enlarges them (cirtorch's thumbnail never does; ``long`` and buckets would).
+    """
     sets = {}
     photos = sorted(Path(args.photos).glob("images/*/*.jpg")) if args.photos else []
     if photos:
-        sets["landmarks"] = photos
+        sets["landmarks"] = (photos, args.image_size)
     if args.synthetic:
         ds = load_dataset("synthetic", tmp / "data", args.synthetic, 0)
-        sets[f"synthetic-{args.synthetic}"] = list(ds.db.paths)
-    return {name: ImageList([f"{p.stem}#{k}" for k in range(args.repeat) for p in paths],
-                            [p for _ in range(args.repeat) for p in paths]) for name, paths in sets.items()}
+        sets[f"synthetic-{args.synthetic}"] = (list(ds.db.paths), args.synthetic_image_size)
+    return {name: (ImageList([f"{p.stem}#{k}" for k in range(args.repeat) for p in paths],
+                             [p for _ in range(args.repeat) for p in paths]), size)
+            for name, (paths, size) in sets.items()}
 
 
-def throughput(net, sets: dict[str, ImageList], args, device: torch.device, tmp: Path) -> dict:
+def throughput(net, sets: dict[str, tuple[ImageList, int]], args, device: torch.device, tmp: Path) -> dict:
     out: dict = {}
     runs = 0
-    for name, images in sets.items():
+    for name, (images, image_size) in sets.items():
         for kind, scales in (("ss", (1.0,)), ("ms", MULTI_SCALES)):
             seconds: dict[str, list[float]] = {v: [] for v in ("batch1", *SIZINGS)}
             cores: dict[str, list[float]] = {v: [] for v in seconds}
@@ -148,13 +153,13 @@ def throughput(net, sets: dict[str, ImageList], args, device: torch.device, tmp:
                 for variant in seconds:
                     cpu, t = cpu_seconds(), time.perf_counter()
                     if variant == "batch1":
-                        batch1_loop(net, images, scales, args, device)
+                        batch1_loop(net, images, image_size, scales, args, device)
                     else:
                         sizing = dict(SIZINGS[variant])
                         window = args.batch_size if sizing.pop("window", None) == "batch" else None
                         stats = ExtractStats()
                         runs += 1
-                        path = extract_features(net, images, tmp / f"run{runs}.h5", image_size=args.image_size,
+                        path = extract_features(net, images, tmp / f"run{runs}.h5", image_size=image_size,
                                                 scales=scales, batch_size=args.batch_size, num_workers=args.workers,
                                                 window=window, device=device, progress=False, stats=stats, **sizing)
                         path.unlink()
@@ -162,7 +167,8 @@ def throughput(net, sets: dict[str, ImageList], args, device: torch.device, tmp:
                     seconds[variant].append(time.perf_counter() - t)
                     cores[variant].append((cpu_seconds() - cpu) / seconds[variant][-1])
             for variant, times in seconds.items():
-                row = {"part": "throughput", "images": name, "n": len(images), "scales": kind, "variant": variant,
+                row = {"part": "throughput", "images": name, "n": len(images), "image_size": image_size,
+                       "scales": kind, "variant": variant,
                        "images_per_s": round(len(images) / statistics.median(times), 2),
                        "seconds": [round(s, 2) for s in times],
                        "cores_used": round(statistics.median(cores[variant]), 2),
@@ -173,14 +179,14 @@ def throughput(net, sets: dict[str, ImageList], args, device: torch.device, tmp:
     return out
 
 
-def processes(args, images: ImageList, devices: list[str], tmp: Path) -> dict:
+def processes(args, images: ImageList, image_size: int, devices: list[str], tmp: Path) -> dict:
     make_net = functools.partial(create_model, architecture=args.architecture, pretrained=args.pretrained)
     times: dict[int, list[float]] = {1: [], len(devices): []}
     for r in range(args.rounds):
         for n in times:
             t = time.perf_counter()
             path = extract_on_devices(make_net, images, tmp / f"proc{n}-{r}.h5", devices[:n],
-                                      image_size=args.image_size, scale="aspect", batch_size=args.batch_size,
+                                      image_size=image_size, scale="aspect", batch_size=args.batch_size,
                                       num_workers=args.workers, progress=False)
             times[n].append(time.perf_counter() - t)
             path.unlink()
@@ -283,7 +289,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--architecture", default="tf_efficientnet_lite0")
     ap.add_argument("--pretrained", default="efficientnet_lite0", help="weights key or file, or none")
-    ap.add_argument("--image-size", type=int, default=480)
+    ap.add_argument("--image-size", type=int, default=480, help="of the photos")
+    ap.add_argument("--synthetic-image-size", type=int, default=320, help="of the built-in benchmark's images")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of our extraction")
     ap.add_argument("--baseline-workers", type=int, default=8, help="DataLoader workers of the batch-1 loop")
@@ -331,8 +338,8 @@ def main() -> int:
                     summary[f"{name}_{kind}_occupancy"] = {v: rows[(name, kind, v)]["mean_batch_occupancy"]
                                                            for v in SIZINGS}
         if "processes" in parts and sets and len(devices) > 1:
-            images = next(iter(sets.values()))
-            rows = processes(args, images, devices, tmp)
+            images, image_size = next(iter(sets.values()))
+            rows = processes(args, images, image_size, devices, tmp)
             summary["speedup_processes"] = round(rows[len(devices)]["images_per_s"] / rows[1]["images_per_s"], 3)
         if "map" in parts:
             maps = map_on_photos(net, args, device)

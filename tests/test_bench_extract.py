@@ -11,9 +11,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_extract.py"
 @pytest.mark.slow
 def test_bench_extract_prints_json_for_every_variant_and_the_ratios(tmp_path):
     args = ["--parts", "throughput,rss", "--photos", "", "--synthetic", "tiny", "--repeat", "1", "--rounds", "1",
-            "--architecture", "test_efficientnet", "--pretrained", "none", "--image-size", "64", "--batch-size", "4",
-            "--workers", "1", "--baseline-workers", "1", "--rss-sizes", "30", "60", "--rss-image-size", "32",
-            "--threads", "1"]
+            "--architecture", "test_efficientnet", "--pretrained", "none", "--synthetic-image-size", "64",
+            "--batch-size", "4", "--workers", "1", "--baseline-workers", "1", "--rss-sizes", "30", "60",
+            "--rss-image-size", "32", "--threads", "1"]
     out = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, check=True,
                          timeout=600).stdout
     rows = [json.loads(line) for line in out.splitlines()]
