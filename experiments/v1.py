@@ -13,7 +13,8 @@ params = {
     "seed": 0,
     "data_root": "data",
     "image_size": 320,
-    "resize": "long",
+    "resize": "auto",  # cirtorch's thumbnail for roxford5k / rparis6k, long side elsewhere
+    "scale": "auto",  # aspect buckets for gldv2, each image its own size elsewhere (--scale)
     "batch_size": 32,
     "num_workers": 2,
     "topk": None,  # None: rank the whole database (the revisitop protocol)

@@ -41,7 +41,8 @@ params = {
     "val_classes": 0.1,
     # evaluation (as v1)
     "image_size": 320,
-    "resize": "long",
+    "resize": "auto",  # cirtorch's thumbnail for roxford5k / rparis6k, long side elsewhere
+    "scale": "auto",  # aspect buckets for gldv2, each image its own size elsewhere (--scale)
     "batch_size_eval": 32,
     "eval_ms": True,
     "eval_rerank": ["none"],  # one results row per job (tuning); reproduce.sh asks for more

@@ -43,7 +43,8 @@ params = {
     "val_protocol": "medium",
     "val_at_start": False,
     "image_size": 1024,
-    "resize": "long",
+    "resize": "auto",  # cirtorch's thumbnail for roxford5k / rparis6k, long side elsewhere
+    "scale": "auto",  # aspect buckets for gldv2, each image its own size elsewhere (--scale)
     "batch_size_eval": 1,
     "scales": [0.75, 1.0, 1.25],  # their 3-scale test, descriptors averaged
     "eval_ms": True,

@@ -195,10 +195,11 @@ def create_app(service: SearchService) -> FastAPI:
 
 
 def build_service(exp: Any, checkpoint: Path | None, features: Path, images: Path | None,
-                  methods: list[str], device: str | torch.device = "cpu", limits: Limits | None = None
-                  ) -> SearchService:
+                  methods: list[str], device: str | torch.device = "cpu", limits: Limits | None = None,
+                  index: Path | None = None) -> SearchService:
     """The service of an experiment: its net (``checkpoint``, else the one that extracted ``features``,
-    else the params' pretrained net), and thumbnails from ``images`` or the experiment's dataset."""
+    else the params' pretrained net), thumbnails from ``images`` or the experiment's dataset, and a
+    saved ``index`` of ``features`` when given."""
     from retrieval.features import read_features
     from retrieval.models import load_checkpoint
 
@@ -210,14 +211,15 @@ def build_service(exp: Any, checkpoint: Path | None, features: Path, images: Pat
     net = load_checkpoint(checkpoint) if checkpoint is not None else exp.make_net(None)()
     table = image_table(images) if images is not None else dataset_table(exp.dataset())
     return load_service(net, features, table=table, methods=methods, params=exp.params,
-                        limits=limits or Limits(), device=device)
+                        limits=limits or Limits(), device=device, index=index)
 
 
 def serve(exp: Any, checkpoint: Path | None, features: Path, images: Path | None, host: str = "127.0.0.1",
-          port: int = 8000, methods: list[str] | None = None, device: str | torch.device = "cpu") -> None:
+          port: int = 8000, methods: list[str] | None = None, device: str | torch.device = "cpu",
+          index: Path | None = None) -> None:
     """Build the service and answer on ``host:port`` until interrupted (logs also to ``serve.log``)."""
     import uvicorn
-    service = build_service(exp, checkpoint, features, images, list(methods or ["none"]), device)
+    service = build_service(exp, checkpoint, features, images, list(methods or ["none"]), device, index=index)
     handler = logging.FileHandler(exp.out_root / "serve.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("retrieval", "uvicorn", "uvicorn.access"):

@@ -181,7 +181,7 @@ def clean_experiment(exp: Any, train_spec: str, checkpoint: Path | None, name: s
     """The ``clean`` verb: describe the train set with the experiment's net (reusing its features
     file when complete), clean it, and write ``<out_dir>/<name>.csv`` + ``.json``; returns the record."""
     from retrieval.experiment import features_path
-    from retrieval.extract import extract_on_devices
+    from retrieval.extract import extract_on_devices, sizing_params
 
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise ValueError(f"--name {name!r}: give a plain file name (no folders)")
@@ -193,8 +193,8 @@ def clean_experiment(exp: Any, train_spec: str, checkpoint: Path | None, name: s
     setting_dir = exp.setting_dir(checkpoint)
     feats_file = extract_on_devices(exp.make_net(checkpoint), ImageList(train.ids, train.paths),
                                     features_path(setting_dir, train.name, "train", False),
-                                    devices or [torch.device("cpu")], image_size=int(p.get("image_size", 512)),
-                                    resize=p.get("resize", "long"), batch_size=int(p.get("batch_size_eval", 32)),
+                                    devices or [torch.device("cpu")], **sizing_params(p, train_spec),
+                                    batch_size=int(p.get("batch_size_eval", 32)),
                                     num_workers=int(p.get("num_workers", 0)), progress=bool(p.get("progress", True)))
     feat_ids, feats, attrs = read_features(feats_file)
     row = {image_id: i for i, image_id in enumerate(train.ids)}

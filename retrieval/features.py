@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 SCHEMA = "retrieval.features"
 SCHEMA_VERSION = 1
 STR_DTYPE = h5py.string_dtype("utf-8")
+# attributes that describe a file's own writing, not its contents: not copied into files derived from it
+BOOKKEEPING_ATTRS = ("schema", "schema_version", "complete", "cursor", "rows", "n_skipped", "n_inputs", "signature",
+                     "dim")
 
 
 class SchemaError(ValueError):
@@ -108,25 +111,90 @@ def write_features(path: str | os.PathLike, ids: Sequence[str], feats: np.ndarra
     return path
 
 
-def read_features(path: str | os.PathLike, dtype: np.dtype | None = np.float32) -> tuple[list[str], np.ndarray, dict]:
-    """``(ids, feats, attrs)`` of a complete features file; a wrong schema is a one-line `SchemaError`."""
-    path = Path(path)
+def _open_complete(path: Path) -> h5py.File:
+    """A complete features file opened for reading; a missing, foreign or partial file is a one-line error."""
     if not path.is_file():
         raise FileNotFoundError(f"features file not found: {path}")
     try:
         f = h5py.File(path, "r")
     except OSError as err:
         raise SchemaError(f"{path}: not a readable HDF5 file ({err})") from None
-    with f:
+    try:
         check_schema(f, path)
         if not f.attrs.get("complete", False):
             raise SchemaError(f"{path}: incomplete features file (complete=False)")
+    except SchemaError:
+        f.close()
+        raise
+    return f
+
+
+def read_features(path: str | os.PathLike, dtype: np.dtype | None = np.float32) -> tuple[list[str], np.ndarray, dict]:
+    """``(ids, feats, attrs)`` of a complete features file; a wrong schema is a one-line `SchemaError`."""
+    path = Path(path)
+    with _open_complete(path) as f:
         ids = read_strings(f["ids"])
         feats = f["feats"][()]
         attrs = _decode_attrs(f.attrs)
     if dtype is not None:
         feats = feats.astype(dtype, copy=False)
     return ids, feats, attrs
+
+
+class FeaturesReader:
+    """A complete features file read in pieces: its ids, attributes, blocks of rows, chosen rows.
+
+    Memory is what the caller asks for (one block, the rows it names), so a database larger
+    than RAM is searched block by block. Rows come back as float32 whatever the stored dtype
+    (float16 files included). Use as a context manager, or call `close`.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.file = _open_complete(self.path)
+        self.feats: h5py.Dataset = self.file["feats"]
+        self.attrs = _decode_attrs(self.file.attrs)
+        self._ids: list[str] | None = None
+
+    def __enter__(self) -> FeaturesReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.file.id.valid:
+            self.file.close()
+
+    def __len__(self) -> int:
+        return int(self.feats.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.feats.shape[1])
+
+    @property
+    def ids(self) -> list[str]:
+        if self._ids is None:
+            self._ids = read_strings(self.file["ids"])
+        return self._ids
+
+    def blocks(self, block_rows: int = 65536, start: int = 0, stop: int | None = None
+               ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first row, float32 rows)`` of consecutive blocks of at most ``block_rows`` rows."""
+        stop = len(self) if stop is None else min(stop, len(self))
+        for s in range(start, stop, max(1, int(block_rows))):
+            yield s, self.feats[s:min(s + block_rows, stop)].astype(np.float32, copy=False)
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        """The float32 rows ``index`` (any order, repeats allowed), in that order."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        if index.size == 0:
+            return np.zeros((0, self.dim), np.float32)
+        if index.min() < 0 or index.max() >= len(self):
+            raise IndexError(f"{self.path}: row index out of range 0..{len(self) - 1}")
+        unique, inverse = np.unique(index, return_inverse=True)  # h5py reads increasing indices
+        return self.feats[unique].astype(np.float32, copy=False)[inverse]
 
 
 class FeatureWriter:
@@ -232,26 +300,55 @@ def read_skipped(path: str | os.PathLike) -> list[tuple[int, str]]:
         return list(zip(f["skipped_index"][()].tolist(), read_strings(f["skipped_reason"]), strict=True))
 
 
+MERGE_BLOCK = 65536  # rows a merge copies at a time
+
+
 def merge_features(shards: Sequence[str | os.PathLike], path: str | os.PathLike, offsets: Sequence[int],
                    **attrs: Any) -> Path:
     """Concatenate complete shard files (shard ``s`` described inputs from ``offsets[s]``) into ``path``.
 
     Ids must be unique across shards (Landmark2019's merge-by-id check); skipped inputs are
-    renumbered into the whole input list. Written atomically like every features file.
+    renumbered into the whole input list. Rows are copied ``MERGE_BLOCK`` at a time through a
+    `FeatureWriter` whose cursor counts inputs, so memory holds the ids but never the whole
+    matrix, and a killed merge resumes. ``attrs`` may set the whole job's ``signature`` and ``n_inputs``.
     """
+    heads = []
     ids: list[str] = []
-    parts, skipped = [], []
-    base_attrs: dict = {}
-    for shard, offset in zip(shards, offsets, strict=True):
-        shard_ids, feats, shard_attrs = read_features(shard, dtype=None)
-        base_attrs = base_attrs or shard_attrs
+    for shard in shards:
+        with _open_complete(Path(shard)) as f:
+            shard_ids = read_strings(f["ids"])
+            skipped = f["skipped_index"][()] if "skipped_index" in f else np.zeros(0, np.int64)
+            heads.append((Path(shard), len(shard_ids), int(f.attrs.get("n_inputs", len(shard_ids) + len(skipped))),
+                          skipped, f["feats"].dtype, int(f["feats"].shape[1]), _decode_attrs(f.attrs)))
         ids += shard_ids
-        parts.append(feats)
-        skipped += [(offset + i, reason) for i, reason in read_skipped(shard)]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: shards {list(map(str, shards))} share ids; they must be disjoint")
-    keep = {k: v for k, v in base_attrs.items()
-            if k not in ("schema", "schema_version", "complete", "cursor", "rows", "n_skipped", "n_inputs",
-                         "signature", "dim")}
-    feats = np.concatenate(parts) if parts else np.zeros((0, int(base_attrs.get("dim", 0))), np.float32)
-    return write_features(path, ids, feats, skipped, **{**keep, "shards": len(shards), **attrs})
+    if len(offsets) != len(heads):
+        raise ValueError(f"{path}: {len(heads)} shards but {len(offsets)} offsets")
+    base = heads[0][6] if heads else {}
+    keep = {k: v for k, v in base.items() if k not in BOOKKEEPING_ATTRS}
+    n_inputs = int(attrs.pop("n_inputs", sum(h[2] for h in heads)))
+    signature = str(attrs.pop("signature", ""))
+    dim = heads[0][5] if heads else int(base.get("dim", 0))
+    writer = FeatureWriter(path, n_inputs, dim, signature, dtype=str(heads[0][4]) if heads else "float32",
+                           attrs={**keep, "shards": len(shards), **attrs})
+    try:
+        row0 = 0
+        for (shard, n_rows, n_in, skipped, _, _, _), offset in zip(heads, offsets, strict=True):
+            shard_ids, row0 = ids[row0:row0 + n_rows], row0 + n_rows
+            if offset + n_in <= writer.cursor:
+                continue  # merged before a kill
+            reasons = read_skipped(shard)
+            described = np.setdiff1d(np.arange(n_in), skipped)  # row r of the shard is input described[r]
+            done = max(0, writer.cursor - offset)  # inputs of this shard already merged
+            first = int(np.searchsorted(described, done))
+            with h5py.File(shard, "r") as f:
+                for a in range(first, max(n_rows, first + 1), MERGE_BLOCK):
+                    b = min(n_rows, a + MERGE_BLOCK)
+                    upto = n_in if b == n_rows else int(described[b - 1]) + 1  # inputs covered after this block
+                    block_skipped = [(offset + i, r) for i, r in reasons if done <= i < upto]
+                    writer.append(offset + upto, shard_ids[a:b], f["feats"][a:b], block_skipped)
+                    done = upto
+        return writer.finish(shards=len(shards), **attrs)
+    finally:
+        writer.close()

@@ -5,7 +5,8 @@ Sources of the formulas (each function reproduces the published reference):
 - ``revisitop_map``: Radenovic et al., "Revisiting Oxford and Paris" (CVPR 2018), ``compute_map`` in
   github.com/filipradenovic/revisitop python/evaluate.py (same as cirtorch/utils/evaluate.py).
 - ``gldv2_map_at_k``: Google Landmark Retrieval 2019/2020 (Kaggle) mAP@100, reference scorer
-  ``MeanAveragePrecision`` in tensorflow/models research/delf/.../google_landmarks_dataset/metrics.py.
+  ``MeanAveragePrecision`` in tensorflow/models research/delf/.../google_landmarks_dataset/metrics.py;
+  ``map_at_k`` is the same number from a ranks array and per-query positives (what evaluation holds).
 - ``guie_mp_at_k``: Google Universal Image Embedding challenge (Kaggle 2022) mP@5, reference scorer
   ``CalibratedPrecision`` in google-research/google-research universal_embedding_challenge/metrics.py.
 - ``gap``: Google Landmark Recognition 2019/2020 (Kaggle) Global Average Precision (micro-AP, Perronnin et al.,
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["revisitop_map", "gldv2_map_at_k", "guie_mp_at_k", "gap"]
+__all__ = ["revisitop_map", "gldv2_map_at_k", "map_at_k", "guie_mp_at_k", "gap"]
 
 _PROTOCOLS = ("easy", "medium", "hard")
 
@@ -174,6 +175,31 @@ def gldv2_map_at_k(
                 ap += n_correct / (i + 1)
         total += ap / min(len(rel), k)
     return total / n_queries if n_queries else float("nan")
+
+
+def map_at_k(ranks: np.ndarray, positives: Sequence[Iterable[int]], k: int = 100) -> dict[str, Any]:
+    """`gldv2_map_at_k` on arrays: ``ranks`` (Q, n) db indices, best first (-1 = none), ``positives[q]``
+    the relevant db indices of query q.
+
+    AP@k(q) = 1/min(m_q, k) · Σ_{i ≤ k} P_q(i)·rel_q(i); a repeated index counts once (its first place).
+    Returns ``{"map@<k>": mean over queries with m_q > 0 (NaN if none), "aps": per-query AP@k, NaN
+    where the query has no positives}``.
+    """
+    if k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    arr = _validate_ranks(ranks, len(positives))[:, :k]
+    aps = np.full(len(positives), np.nan)
+    for q, (row, pos) in enumerate(zip(arr, positives, strict=True)):
+        pos_arr = np.unique(_as_index_array(list(pos)))
+        if pos_arr.size == 0:
+            continue
+        first = np.zeros(len(row), bool)
+        first[np.unique(row, return_index=True)[1]] = True  # later repeats are not relevant
+        rel = np.isin(row, pos_arr) & first & (row >= 0)
+        hits = np.flatnonzero(rel)
+        aps[q] = float(np.sum(np.arange(1, hits.size + 1) / (hits + 1)) / min(pos_arr.size, k))
+    valid = ~np.isnan(aps)
+    return {f"map@{k}": float(aps[valid].mean()) if valid.any() else float("nan"), "aps": aps}
 
 
 def guie_mp_at_k(ranks: np.ndarray, positives: Sequence[Iterable[int]], k: int = 5,

@@ -65,6 +65,7 @@ def summary_row(results: dict) -> dict[str, Any]:
         row[f"mp10_{proto[0]}"] = _pct(m.get("mp@10"))
     row["mp5"] = _pct(results.get("mp@5"))  # GUIE mP@5
     row["mp5_domains"] = " ".join(f"{d}:{_pct(m.get('mp@5'))}" for d, m in results.get("domains", {}).items())
+    row["map100"] = _pct(results.get("metrics", {}).get("gldv2", {}).get("map@100"))  # GLDv2's protocol
     spq = results.get("seconds_per_query")
     row["s_per_query"] = "" if spq is None else f"{float(spq):.4g}"
     row["params"] = json.dumps(results.get("params", {}), sort_keys=True, default=str)
@@ -118,10 +119,15 @@ def _setting_folder(row: dict[str, str]) -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A plain-text table: method, mAP E/M/H, mP@10 E/M/H, GUIE mP@5 (percent), seconds per query."""
-    head = ["dataset", "method", "mAP E", "mAP M", "mAP H", "mP@10 E", "mP@10 M", "mP@10 H", "mP@5", "s/query"]
+    """A plain-text table: method, mAP E/M/H, mP@10 E/M/H (percent), GLDv2 mAP@100 and GUIE mP@5 when a
+    row has them, seconds per query."""
+    gldv2 = any(r.get("map100") for r in rows)
+    guie = any(r.get("mp5") for r in rows)
+    head = ["dataset", "method", "mAP E", "mAP M", "mAP H", "mP@10 E", "mP@10 M", "mP@10 H",
+            *(["mAP@100"] if gldv2 else []), *(["mP@5"] if guie else []), "s/query"]
     body = [[str(r.get("dataset", "")), method_label(r), *(str(r.get(f"map_{p[0]}", "")) for p in PROTOCOLS),
-             *(str(r.get(f"mp10_{p[0]}", "")) for p in PROTOCOLS), str(r.get("mp5", "")),
+             *(str(r.get(f"mp10_{p[0]}", "")) for p in PROTOCOLS), *([str(r.get("map100", ""))] if gldv2 else []),
+             *([str(r.get("mp5", ""))] if guie else []),
              str(r.get("s_per_query", ""))] for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
 

@@ -10,10 +10,11 @@ An experiment file holds a ``params`` dict and a search ``space`` and calls `mai
         main(params, space)
 
 This module only wires verbs to the stage modules: ``predict`` / ``multigpu-predict`` /
-``evaluate`` / ``submit`` / ``job`` (`retrieval.experiment`), ``tuning`` (`retrieval.sweep`),
-``launch-slurm`` / ``launch-qsub`` (`retrieval.launch`), ``clean`` (`retrieval.cleaning`),
-``serve`` (`retrieval.api`) and ``export`` (`retrieval.export`). Outputs go under
-``experiments/<name>/`` next to the experiment file (layout in `retrieval.experiment`).
+``evaluate`` / ``submit`` / ``job`` / ``index`` / ``whiten`` / ``ensemble`` (`retrieval.experiment`,
+over `retrieval.evaluate`, `retrieval.index`, `retrieval.postprocess`), ``tuning`` (`retrieval.sweep`),
+``launch-slurm`` / ``launch-qsub`` (`retrieval.launch`), ``clean`` (`retrieval.cleaning`), ``serve``
+(`retrieval.api`) and ``export`` (`retrieval.export`). Outputs go under ``experiments/<name>/`` next to
+the experiment file (layout in `retrieval.experiment`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from typing import Any
 import click
 import torch
 
-from retrieval.experiment import Experiment, evaluate, predict, run_job, submit
+from retrieval.experiment import (
+    Experiment,
+    build_experiment_index,
+    evaluate,
+    learn_experiment_whitening,
+    make_ensemble,
+    predict,
+    run_job,
+    submit,
+)
 from retrieval.launch import launch_qsub, launch_slurm
 from retrieval.report import format_table, summary_row
 from retrieval.rerank import RANKING_STEPS, VECTOR_STEPS, parse_method
@@ -126,8 +136,15 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
     devices_opt = click.option("-d", "--devices", default=None, help="device ids, e.g. 0,1 (no CUDA: CPU processes)")
 
     def predict_options(fn: Any) -> Any:
-        for opt in reversed([model_opt, ms_opt, click.option("-b", "--batch-size", type=int, default=None),
-                             devices_opt, click.option("--splits", default="query,db", show_default=True),
+        for opt in reversed([model_opt, ms_opt, click.option("-b", "--batch-size", type=int, default=None,
+                                                             help="images per forward batch [default: params "
+                                                                  "batch_size_eval]"),
+                             devices_opt, click.option("--splits", default="query,db", show_default=True,
+                                                       help="query (test), db (index), train"),
+                             click.option("--scale", default=None,
+                                          help="image sizing: exact (each image by params resize), aspect (aspect "
+                                               "buckets, long side image_size) or a template set (L2, L, M, S, ...: "
+                                               "Landmark2019's) [default: params scale, auto per dataset]"),
                              click.option("-n", "--n-blocks", type=int, default=None,
                                           help="cut the images into N blocks (shards), e.g. one per array task"),
                              click.option("-i", "--block-id", type=int, default=None,
@@ -136,10 +153,11 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
         return fn
 
     def _predict(exp: Experiment, checkpoint: Path | None, ms: bool, batch_size: int | None,
-                 devices: list[torch.device], splits: str, n_blocks: int | None, block_id: int | None) -> None:
+                 devices: list[torch.device], splits: str, scale: str | None, n_blocks: int | None,
+                 block_id: int | None) -> None:
         paths = _run(predict, exp, checkpoint, ms, _split(splits), devices,
                      batch_size or int(exp.params.get("batch_size_eval") or exp.params.get("batch_size", 32)),
-                     n_blocks, block_id)
+                     n_blocks, block_id, scale)
         for path in paths:
             click.echo(str(path))
 
@@ -147,18 +165,44 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
     @predict_options
     @click.pass_obj
     def predict_cmd(exp: Experiment, checkpoint: Path | None, ms: bool, batch_size: int | None,
-                    devices: str | None, splits: str, n_blocks: int | None, block_id: int | None) -> None:
+                    devices: str | None, splits: str, scale: str | None, n_blocks: int | None,
+                    block_id: int | None) -> None:
         devs = parse_devices(devices)
         if len(devs) > 1:
             logger.info("predict uses one device (%s); multigpu-predict spreads over all of -d", devs[0])
-        _predict(exp, checkpoint, ms, batch_size, devs[:1], splits, n_blocks, block_id)
+        _predict(exp, checkpoint, ms, batch_size, devs[:1], splits, scale, n_blocks, block_id)
 
-    @cli.command("multigpu-predict", help="predict with one process per device of -d; blocks merged by id.")
+    @cli.command("multigpu-predict", help="predict with one process per device of -d (CPU processes without "
+                                          "CUDA), each a contiguous block into its own resumable shard; merged by id "
+                                          "into predict's file.")
     @predict_options
     @click.pass_obj
     def multigpu_predict_cmd(exp: Experiment, checkpoint: Path | None, ms: bool, batch_size: int | None,
-                             devices: str | None, splits: str, n_blocks: int | None, block_id: int | None) -> None:
-        _predict(exp, checkpoint, ms, batch_size, parse_devices(devices), splits, n_blocks, block_id)
+                             devices: str | None, splits: str, scale: str | None, n_blocks: int | None,
+                             block_id: int | None) -> None:
+        _predict(exp, checkpoint, ms, batch_size, parse_devices(devices), splits, scale, n_blocks, block_id)
+
+    ensemble_opt = click.option("--ensemble", default=None, metavar="NAME",
+                                help="the features of an ensemble (the ensemble verb) instead of one net's")
+
+    def search_options(fn: Any) -> Any:
+        for opt in reversed([
+                click.option("--index", "index", default=None, metavar="FACTORY",
+                             help="search the saved index of this FAISS factory string (the index verb) "
+                                  "[default: params index; none: exact]"),
+                click.option("--nprobe", type=int, default=None, help="IVF cells searched [default: the index's]"),
+                click.option("--efsearch", type=int, default=None, help="HNSW efSearch [default: the index's]"),
+                click.option("--k-factor", type=int, default=None,
+                             help="a refine stage (...,RFlat): candidates re-ranked exactly per result "
+                                  "[default: the index's]"),
+                click.option("--whiten", default=None, metavar="NAME",
+                             help="apply the whitening learned by `whiten --name NAME` [default: params whiten]")]):
+            fn = opt(fn)
+        return fn
+
+    def _set_search(exp: Experiment, **values: Any) -> None:
+        """Search options override the params of the same name (so results.json records them)."""
+        exp.params.update({k: v for k, v in values.items() if v is not None})
 
     @cli.command("evaluate", help="Search, re-rank, compute metrics, write results and the HTML page.")
     @model_opt
@@ -166,12 +210,86 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
     @click.option("--rerank", default="none", show_default=True,
                   help=f"comma-separated methods, each a chain of {', '.join((*VECTOR_STEPS, *RANKING_STEPS))} "
                        "joined by + (e.g. adba+aqe+diffusion), or none")
+    @click.option("--topk", type=int, default=None,
+                  help="results kept per query [default: params topk, else the whole database when small, "
+                       "100 for GLDv2]")
+    @search_options
+    @ensemble_opt
     @click.option("--html-queries", type=int, default=10, show_default=True)
     @click.pass_obj
-    def evaluate_cmd(exp: Experiment, checkpoint: Path | None, ms: bool, rerank: str, html_queries: int) -> None:
+    def evaluate_cmd(exp: Experiment, checkpoint: Path | None, ms: bool, rerank: str, topk: int | None,
+                     index: str | None, nprobe: int | None, efsearch: int | None, k_factor: int | None,
+                     whiten: str | None, ensemble: str | None, html_queries: int) -> None:
         methods = _rerank_methods(rerank)
-        results = _run(evaluate, exp, checkpoint, ms, methods, html_queries)
+        _set_search(exp, topk=topk, index=index, nprobe=nprobe, efsearch=efsearch, k_factor=k_factor, whiten=whiten)
+        if str(exp.params.get("index")).lower() in ("none", "exact"):
+            exp.params["index"] = None
+        results = _run(evaluate, exp, checkpoint, ms, methods, html_queries, ensemble)
         click.echo(format_table([summary_row(r) for r in results]))
+
+    @cli.command("index", help="Build a FAISS index of the database features (factory string) and save it "
+                               "for evaluate / serve.")
+    @model_opt
+    @ms_opt
+    @click.option("--factory", required=True, help="FAISS index-factory string: Flat, IVF4096,Flat, IVF4096,PQ64, "
+                                                   "HNSW32, ... (inner product on L2-normalised rows)")
+    @click.option("--train-rows", type=int, default=None,
+                  help="rows sampled to train it [default: 64 per IVF cell, at least 65536]")
+    @click.option("--nprobe", type=int, default=None, help="saved IVF search default [default: nlist/64]")
+    @click.option("--efsearch", type=int, default=None, help="saved HNSW search default [default: 64]")
+    @click.option("--k-factor", type=int, default=None, help="saved refine-stage default (...,RFlat) [default: 16]")
+    @click.option("--whiten", default=None, metavar="NAME", help="index the rows whitened by NAME")
+    @click.option("--knn-graph", "knn_graph_k", type=int, default=None, metavar="K",
+                  help="also store the database's K-NN graph (HDF5) searched in this index")
+    @ensemble_opt
+    @click.pass_obj
+    def index_cmd(exp: Experiment, checkpoint: Path | None, ms: bool, factory: str, train_rows: int | None,
+                  nprobe: int | None, efsearch: int | None, k_factor: int | None, whiten: str | None,
+                  knn_graph_k: int | None, ensemble: str | None) -> None:
+        _set_search(exp, whiten=whiten)
+        out = _run(build_experiment_index, exp, checkpoint, ms, factory, ensemble, train_rows,
+                   {"nprobe": nprobe, "efsearch": efsearch, "k_factor": k_factor}, knn_graph_k)
+        click.echo(str(out))
+
+    @cli.command("whiten", help="Learn a PCA-whitening (optional shrinkage / fewer dims) on a separate set; "
+                                "evaluate --whiten NAME applies it.")
+    @model_opt
+    @ms_opt
+    @click.option("--name", required=True, help="the whitening's name: <net dir>/whiten/<name>.h5")
+    @click.option("--learn-on", default="train", show_default=True,
+                  help="train (the label set's features: predict --splits train) or a features file")
+    @click.option("--dim", type=int, default=None, help="components kept [default: all]")
+    @click.option("--shrinkage", type=float, default=1.0, show_default=True,
+                  help="power s of Λ^(-s/2): 1 full whitening, 0 PCA rotation only")
+    @ensemble_opt
+    @click.pass_obj
+    def whiten_cmd(exp: Experiment, checkpoint: Path | None, ms: bool, name: str, learn_on: str, dim: int | None,
+                   shrinkage: float, ensemble: str | None) -> None:
+        click.echo(str(_run(learn_experiment_whitening, exp, checkpoint, ms, name, learn_on, dim, shrinkage,
+                            ensemble)))
+
+    @cli.command("ensemble", help="Combine several nets' features of the same images (concat with weights or "
+                                  "mean) into ensembles/NAME; evaluate --ensemble NAME scores them.")
+    @click.argument("name")
+    @click.option("-m", "--model", "checkpoints", multiple=True, required=True,
+                  help="a member net: its checkpoint (.pth), or 'pretrained'; repeat for each")
+    @ms_opt
+    @click.option("--weights", default=None, help="comma-separated, one per -m (Landmark2019: 0.5,1,1,0.5,1,1) "
+                                                  "[default: all 1]")
+    @click.option("--mode", type=click.Choice(["concat", "mean"]), default="concat", show_default=True)
+    @click.option("--splits", default="query,db", show_default=True)
+    @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+                  help="storage of the combined rows (read back as float32)")
+    @click.pass_obj
+    def ensemble_cmd(exp: Experiment, name: str, checkpoints: tuple[str, ...], ms: bool, weights: str | None,
+                     mode: str, splits: str, dtype: str) -> None:
+        try:
+            values = [float(w) for w in _split(weights)] if weights is not None else None
+        except ValueError:
+            raise click.BadParameter(f"expected numbers like 0.5,1, got {weights!r}", param_hint="--weights") from None
+        members = [None if c == "pretrained" else Path(c) for c in checkpoints]
+        for path in _run(make_ensemble, exp, name, members, ms, values, mode, _split(splits), dtype):
+            click.echo(str(path))
 
     @cli.command("submit", help="Write the Kaggle retrieval and recognition files (queries = test, db = index).")
     @model_opt
@@ -259,10 +377,12 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
     @click.option("--port", type=int, default=8000, show_default=True)
     @click.option("--rerank", default="none", show_default=True,
                   help="comma-separated chains the server offers (e.g. aqe,adba+aqe+diffusion)")
+    @click.option("--index", "index_dir", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+                  help="a saved index of --features (the folder the index verb printed) [default: exact search]")
     @devices_opt
     @click.pass_obj
     def serve_cmd(exp: Experiment, checkpoint: Path | None, features: Path, images: Path | None, host: str,
-                  port: int, rerank: str, devices: str | None) -> None:
+                  port: int, rerank: str, index_dir: Path | None, devices: str | None) -> None:
         try:
             from retrieval.api import serve
         except ImportError as err:
@@ -270,7 +390,7 @@ def build_cli(params: dict[str, Any], space: Sequence[dict] | None = None, name:
                                        f"{err}") from None
         exp.out_root.mkdir(parents=True, exist_ok=True)
         _run(serve, exp, checkpoint, features, images, host, port, _rerank_methods(rerank),
-             parse_devices(devices)[0])
+             parse_devices(devices)[0], index_dir)
 
     @cli.command("export", help="Write model.onnx / model.ts and preprocess.json: an image tensor in, the "
                                 "L2-normalised embedding out (checked against PyTorch).")

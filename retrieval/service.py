@@ -1,7 +1,8 @@
 """The search service's core: a net and a features file, queried by image or by indexed id.
 
 `SearchService` loads everything once: the net (the checkpoint the features were extracted
-with, or one named), the features HDF5 as an exact FAISS index, the re-ranking chains it
+with, or one named), the features HDF5 as an exact FAISS index (or a saved index of it, built
+by the ``index`` verb: `retrieval.index`, for plain kNN requests), the re-ranking chains it
 offers (their database state, e.g. αDBA vectors and kNN graphs, built at start) and an
 `ImageTable` (id → image file, landmark id) for thumbnails. Queries are embedded exactly as
 the database was (the file's ``image_size``, ``scales``, ``resize`` attributes).
@@ -32,9 +33,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from retrieval.data.dataset import BBox, RetrievalDataset
 from retrieval.data.folder import read_image_csv
-from retrieval.data.images import ImageLoadError, crop_box, load_image, resize_to, to_tensor
+from retrieval.data.images import ImageLoadError, InputSize, crop_box, load_image, to_uint8_tensor
 from retrieval.extract import describe_grouped
 from retrieval.features import read_features
+from retrieval.index import SavedIndex, check_ids, load_index
 from retrieval.models.net import RetrievalNet
 from retrieval.rerank import RerankContext, needs_images, needs_labels, parse_method, rerank_search
 
@@ -204,7 +206,8 @@ class SearchService:
     def __init__(self, net: RetrievalNet, ids: Sequence[str], feats: np.ndarray, attrs: Mapping[str, Any], *,
                  table: ImageTable | None = None, methods: Sequence[str] = ("none",),
                  params: Mapping[str, Any] | None = None, limits: Limits = Limits(),
-                 device: str | torch.device = "cpu", features_path: Path | None = None) -> None:
+                 device: str | torch.device = "cpu", features_path: Path | None = None,
+                 index: SavedIndex | None = None) -> None:
         feats = np.ascontiguousarray(feats, dtype=np.float32)
         if feats.ndim != 2 or len(feats) != len(ids) or len(feats) == 0:
             raise ValueError(f"{features_path or 'features'}: need a non-empty (N, D) matrix with N ids, "
@@ -219,9 +222,8 @@ class SearchService:
         self.rows = {image_id: i for i, image_id in enumerate(self.ids)}
         self.feats = feats
         self.attrs = dict(attrs)
-        self.image_size = int(self.attrs.get("image_size") or 0)
+        self.size = InputSize.from_attrs(self.attrs)  # the database's sizing: exact or its aspect buckets
         self.scales = tuple(float(s) for s in (self.attrs.get("scales") or (1.0,)))
-        self.resize = str(self.attrs.get("resize") or "long")
         self.table = table or ImageTable()
         self.params = dict(params or {})
         self.limits = limits
@@ -232,13 +234,20 @@ class SearchService:
             if needs_labels(method) or needs_images(method):
                 raise ValueError(f"--rerank {method}: the service offers adba, qe, aqe, diffusion and kreciprocal "
                                  "(l2019 and sv need a label set or local features of each query)")
+        if index is not None:
+            check_ids(index, self.ids, features_path or "the features")
+            if index.params.get("whiten"):
+                raise ValueError(f"{index.folder}: built on rows whitened by {index.params['whiten']!r}; the service "
+                                 "searches the features as stored (build the index without --whiten)")
+        self.index = index  # plain kNN requests search it; re-ranking chains search the vectors exactly
         self._net_lock = threading.Lock()
         self._thumbs = _ThumbCache()
         self._cache: dict = {}
         self._context = RerankContext(params=self.params)
         start = time.perf_counter()
         for method in self.methods:  # build every chain's database state now: requests only read it
-            self._rank(method, self.feats[:1], 1)
+            if method != "none" or index is None:
+                self._rank(method, self.feats[:1], 1)
         logger.info("search service: %d images, %d-d, re-rankers %s, ready in %.1f s", len(self.ids),
                     feats.shape[1], ", ".join(self.methods), time.perf_counter() - start)
 
@@ -255,8 +264,7 @@ class SearchService:
                     img = crop_box(img, bbx)
                 except ImageLoadError as err:
                     raise RequestError(f"bbx: {err}") from None
-            img = resize_to(img, self.image_size, self.resize)
-            tensors.append((i, to_tensor(img, self.net.meta["mean"], self.net.meta["std"])))
+            tensors.append((i, to_uint8_tensor(self.size.apply(img))))
         asked = time.perf_counter()
         with self._net_lock:
             if timing is not None:
@@ -290,7 +298,7 @@ class SearchService:
         """
         method = self.check_method(method)
         start = time.perf_counter()
-        scores, idx = self._rank("none", vectors, k)
+        scores, idx = self.index.search(vectors, k) if self.index is not None else self._rank("none", vectors, k)
         searched = time.perf_counter()
         if method != "none":
             scores, idx = self._rank(method, vectors, k)
@@ -356,9 +364,10 @@ class SearchService:
         return {
             "model": meta,
             "features": str(self.features_path) if self.features_path else None,
-            "index": {"type": "Flat (exact inner product, FAISS)", "size": len(self.ids),
-                      "dim": int(self.feats.shape[1])},
-            "embedding": {"image_size": self.image_size, "scales": list(self.scales), "resize": self.resize},
+            "index": {"type": self.index.describe() if self.index is not None else "Flat (exact inner product, FAISS)",
+                      "size": len(self.ids), "dim": int(self.feats.shape[1])},
+            "embedding": {"image_size": self.size.image_size, "scales": list(self.scales), "resize": self.size.resize,
+                          "scale": self.size.scale},
             "rerank": self.methods,
             "images": {"with_file": sum(i in self.table.paths for i in self.ids),
                        "with_landmark_id": sum(i in self.table.labels for i in self.ids)},
@@ -369,13 +378,19 @@ class SearchService:
 
 def load_service(net: RetrievalNet, features: str | os.PathLike, *, table: ImageTable | None = None,
                  methods: Sequence[str] = ("none",), params: Mapping[str, Any] | None = None,
-                 limits: Limits = Limits(), device: str | torch.device = "cpu") -> SearchService:
-    """A `SearchService` over a features file (see `retrieval.features`) with ``net``."""
+                 limits: Limits = Limits(), device: str | torch.device = "cpu",
+                 index: str | os.PathLike | None = None) -> SearchService:
+    """A `SearchService` over a features file (see `retrieval.features`) with ``net``; ``index``: a saved
+    index folder of that file (`retrieval.index.save_index`) for plain kNN requests."""
     features = Path(features)
     ids, feats, attrs = read_features(features)
     extracted_with = attrs.get("checkpoint") or ""
     if extracted_with and net.meta.get("checkpoint") and Path(extracted_with) != Path(net.meta["checkpoint"]):
         logger.warning("%s was extracted with %s; serving with %s", features, extracted_with,
                        net.meta["checkpoint"])
+    saved = None
+    if index is not None:
+        p = dict(params or {})
+        saved = load_index(index, nprobe=p.get("nprobe"), efsearch=p.get("efsearch"), k_factor=p.get("k_factor"))
     return SearchService(net, ids, feats, attrs, table=table, methods=methods, params=params, limits=limits,
-                         device=device, features_path=features)
+                         device=device, features_path=features, index=saved)

@@ -47,7 +47,7 @@ from retrieval.data.images import read_image_sizes
 from retrieval.data.samplers import TrainBatchSampler, assign_templates, resolve_templates
 from retrieval.data.trainset import TrainSet, domain_weights, heldout_split, load_train_set, load_train_sets
 from retrieval.evaluate import validation_map
-from retrieval.extract import describe_images
+from retrieval.extract import describe_images, sizing_params
 from retrieval.models.backbones import backbone_blocks
 from retrieval.models.heads import SoftmaxHead
 from retrieval.models.net import RetrievalNet, create_model
@@ -552,8 +552,9 @@ class Trainer:
 
     def _describe_kwargs(self) -> dict[str, Any]:
         p = self.params
-        return {"image_size": int(p.get("val_image_size") or p.get("image_size", 512)),
-                "resize": p.get("resize", "long"),
+        sizing = sizing_params({**p, "image_size": p.get("val_image_size") or p.get("image_size", 512)},
+                               str(p.get("val_dataset") or "heldout"))
+        return {**sizing,
                 "batch_size": int(p.get("batch_size_eval") or p.get("batch_size", 32)),
                 "num_workers": int(p.get("num_workers", 0)), "device": self.rk.device}
 

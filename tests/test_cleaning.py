@@ -56,11 +56,11 @@ def test_settings_are_checked():
 def test_noisy_split_has_the_asked_noise_in_gldv2_layout(tmp_path):
     bench = tmp_path / "synthetic-tiny-s0"
     make_synthetic(bench, "tiny", 0)
-    csv_path = make_noisy_train(bench, "tiny", 0, wrong_labels=0.1, distractors=0.1)
+    csv_path = make_noisy_train(bench, "tiny", 0)  # the defaults: 30% moved, 30% more distractors
     noise = read_noise(csv_path.parent / "noise.csv")
-    assert Counter(noise.values()) == {"clean": 36, "wrong_label": 4, "distractor": 4}
+    assert Counter(noise.values()) == {"clean": 28, "wrong_label": 12, "distractor": 12}
     train = load_train_set(str(csv_path), tmp_path, gldv2_root=csv_path.parent)
-    assert len(train) == 44 and all(p.is_file() for p in train.paths)
+    assert len(train) == 52 and all(p.is_file() for p in train.paths)
     assert all(p.relative_to(csv_path.parent).parts[:4] == ("train", i[0], i[1], i[2])
                for i, p in zip(train.ids, train.paths, strict=True))
     again = load_train_set("synthetic-noisy", tmp_path, synthetic_size="tiny")
@@ -68,7 +68,10 @@ def test_noisy_split_has_the_asked_noise_in_gldv2_layout(tmp_path):
     scores = removal_scores([i for i, kind in noise.items() if kind == "clean"], noise)
     assert scores["precision"] == 1.0 and scores["recall"] == 1.0
     scores = removal_scores(list(noise)[:0], noise)
-    assert scores["precision"] == pytest.approx(8 / 44) and scores["recall"] == 1.0
+    assert scores["precision"] == pytest.approx(24 / 52) and scores["recall"] == 1.0
+    mild = make_noisy_train(tmp_path / "mild", "tiny", 0, wrong_labels=0.1, distractors=0.1)
+    assert Counter(read_noise(mild.parent / "noise.csv").values()) == {"clean": 36, "wrong_label": 4,
+                                                                      "distractor": 4}
 
 
 @pytest.fixture()
@@ -92,7 +95,7 @@ def test_clean_verb_writes_a_gldv2_list_that_trains_with_job(noisy_experiment):
     record = json.loads(result.stdout)
     mapping = read_train_clean(out / "tiny-emb.csv")
     assert sum(map(len, mapping.values())) == record["counts"]["images_after"] > 0
-    assert record["counts"]["images_before"] == 44 and record["settings"]["verify"] is False
+    assert record["counts"]["images_before"] == 52 and record["settings"]["verify"] is False
     assert set(record["against_known_noise"]) >= {"precision", "recall"}
     assert json.loads((out / "tiny-emb.json").read_text())["image_root"] == record["image_root"]
     cleaned = load_train_set(f"clean:{out / 'tiny-emb.csv'}", tmp / "d")  # images found from the record

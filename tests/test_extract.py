@@ -1,4 +1,5 @@
 import csv
+import json
 import subprocess
 import sys
 import textwrap
@@ -162,7 +163,7 @@ KILL_SCRIPT = textwrap.dedent("""
     images_mod.load_image = load_or_die
     paths = sorted(folder.glob("*.jpg"))
     extract_features(load_checkpoint(ckpt), ImageList([p.stem for p in paths], paths), out,
-                     image_size=64, batch_size=4, progress=False)
+                     image_size=64, batch_size=4, window=4, progress=False)
 """)
 
 
@@ -176,7 +177,7 @@ def test_killed_extraction_resumes_to_identical_features(tiny_checkpoint, tmp_pa
         return subprocess.run([sys.executable, str(script), str(tiny_checkpoint), str(tmp_path / "img"), str(out),
                                kill_at], capture_output=True, text=True, timeout=300)
 
-    killed = job("img09")  # batches of 4: inputs 0-7 are committed, 8-11 are cut short
+    killed = job("img09")  # windows of 4: inputs 0-7 are committed, 8-11 are cut short
     assert killed.returncode == -9, killed.stderr
     assert not out.exists()
     with h5py.File(str(out) + ".tmp", "r") as f:
@@ -185,7 +186,8 @@ def test_killed_extraction_resumes_to_identical_features(tiny_checkpoint, tmp_pa
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at input 8 of 14" in (tmp_path / "out" / "extract.log").read_text()
     ids, feats, _ = read_features(out)
-    ref_ids, ref_feats, _ = read_features(run(load_checkpoint(tiny_checkpoint), images, tmp_path / "ref.h5"))
+    ref_ids, ref_feats, _ = read_features(run(load_checkpoint(tiny_checkpoint), images, tmp_path / "ref.h5",
+                                              window=4))
     assert ids == ref_ids == images.ids
     assert np.array_equal(feats, ref_feats)
 
@@ -225,3 +227,95 @@ def test_write_features_validates(tmp_path):
         write_features(tmp_path / "f.h5", ["a"], np.zeros((1, 3), np.float64))
     ids, feats, _ = read_features(write_features(tmp_path / "h.h5", ["a"], np.ones((1, 3), np.float16)))
     assert feats.dtype == np.float32 and ids == ["a"]
+
+
+# ---- aspect buckets, windows, merge
+
+# (width, height): three aspect groups whose exact sizes at 64 px all differ a little (64x48, 64x47, 64x49, ...)
+MIXED = [(640, 480), (480, 640), (500, 500), (640, 470), (470, 640), (510, 500), (640, 490), (490, 640),
+         (500, 520), (650, 480), (480, 650), (90, 88)]
+
+
+def mixed_images(folder, n=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [write_jpeg(folder / f"m{i:02d}.jpg", size, seed=i) for i, size in enumerate(MIXED[:n])]
+    return ImageList([p.stem for p in paths], paths)
+
+
+def test_aspect_buckets_fill_batches_resize_to_templates_and_keep_input_order(net, tmp_path):
+    from retrieval.data.images import InputSize, load_image, normalize, resolve_buckets, to_uint8_tensor
+    from retrieval.extract import ExtractStats
+
+    images = mixed_images(tmp_path / "img")
+    bucketed, exact = ExtractStats(), ExtractStats()
+    out = run(net, images, tmp_path / "b.h5", scale="aspect", scales=MULTI_SCALES, stats=bucketed)
+    run(net, images, tmp_path / "e.h5", stats=exact)
+    assert bucketed.images == exact.images == len(MIXED)
+    assert bucketed.batches == 3 and bucketed.occupancy == 1.0  # three buckets of four: full batches of 4
+    assert exact.batches > 6 and exact.occupancy < 0.5  # by exact shape they barely share a batch
+    ids, feats, attrs = read_features(out)
+    assert ids == images.ids  # rows in input order although batches were formed out of order
+    assert attrs["scale"] == "aspect"
+    assert json.loads(attrs["buckets"]) == [list(t) for t in resolve_buckets("aspect", SIZE)]
+    sizing = InputSize.create(SIZE, "long", "aspect")
+    by_shape: dict = {}  # each row: its image resized to its template, then every scale of that
+    for i, path in enumerate(images.paths):
+        x = to_uint8_tensor(sizing.apply(load_image(path)))
+        by_shape.setdefault(tuple(x.shape), []).append((i, x))
+    assert sorted(by_shape) == [(3, 48, 64), (3, 64, 48), (3, 64, 64)]
+    for items in by_shape.values():
+        x = normalize(torch.stack([x for _, x in items]), net.meta["mean"], net.meta["std"])
+        assert np.allclose(feats[[i for i, _ in items]], describe(net, x, MULTI_SCALES).numpy(), atol=1e-5)
+
+
+def test_another_bucket_policy_is_another_job(net, tmp_path):
+    images = mixed_images(tmp_path / "img", 3)
+    out = run(net, images, tmp_path / "db.h5")
+    mtime = out.stat().st_mtime_ns
+    assert read_features(out)[2]["scale"] == "exact"
+    run(net, images, out, scale="aspect")
+    assert out.stat().st_mtime_ns != mtime and read_features(out)[2]["scale"] == "aspect"
+    mtime = out.stat().st_mtime_ns
+    run(net, images, out, scale=[[64, 48], [48, 64], [64, 64]])  # same sizes as "aspect" would not do: other list
+    assert out.stat().st_mtime_ns != mtime and read_features(out)[2]["scale"] == "custom"
+
+
+def test_killed_merge_resumes_without_losing_or_repeating_rows(tmp_path, monkeypatch, caplog):
+    import retrieval.features as features_mod
+    from retrieval.features import FeatureWriter, merge_features, read_skipped
+
+    rng = np.random.default_rng(0)
+    shards = []
+    for s, (n_in, bad) in enumerate([(5, {1}), (6, {3, 5})]):  # inputs per shard, the unreadable ones
+        writer = FeatureWriter(tmp_path / f"f.shard{s}of2.h5", n_in, 4, "sig")
+        for i in range(n_in):
+            if i in bad:
+                writer.append(i + 1, [], np.zeros((0, 4), np.float32), [(i, "corrupt")])
+            else:
+                writer.append(i + 1, [f"s{s}_{i}"], rng.normal(size=(1, 4)).astype(np.float32))
+        shards.append(writer.finish())
+    full = merge_features(shards, tmp_path / "full.h5", [0, 5], signature="job", n_inputs=11)
+    monkeypatch.setattr(features_mod, "MERGE_BLOCK", 2)
+    calls = {"n": 0}
+    real_append = FeatureWriter.append
+
+    def append_then_die(self, *args, **kwargs):
+        if calls["n"] == 3:  # the fourth block: mid second shard
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        real_append(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureWriter, "append", append_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        merge_features(shards, tmp_path / "merged.h5", [0, 5], signature="job", n_inputs=11)
+    with h5py.File(tmp_path / "merged.h5.tmp", "r") as f:
+        assert 5 < f.attrs["cursor"] < 11
+    monkeypatch.setattr(FeatureWriter, "append", real_append)
+    with caplog.at_level("INFO", logger="retrieval.features"):
+        merged = merge_features(shards, tmp_path / "merged.h5", [0, 5], signature="job", n_inputs=11)
+    assert "resuming at input" in caplog.text
+    ids, feats, attrs = read_features(merged)
+    ref_ids, ref_feats, _ = read_features(full)
+    assert ids == ref_ids == ["s0_0", "s0_2", "s0_3", "s0_4", "s1_0", "s1_1", "s1_2", "s1_4"]
+    assert np.array_equal(feats, ref_feats) and attrs["shards"] == 2 and attrs["n_inputs"] == 11
+    assert read_skipped(merged) == read_skipped(full) == [(1, "corrupt"), (8, "corrupt"), (10, "corrupt")]

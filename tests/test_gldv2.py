@@ -316,7 +316,7 @@ def make_gldv2(root: Path) -> None:
 def test_load_gldv2_retrieval_end_to_end(tmp_path):
     make_gldv2(tmp_path)
     ds = load_gldv2_retrieval(tmp_path)
-    assert ds.name == "gldv2"
+    assert ds.name == "gldv2" and ds.protocol == "gldv2"  # scored by mAP@100
     assert ds.db.ids == IDX
     assert ds.queries.ids == [TST[0], TST[2], TST[4]]  # test.csv order, only scored queries
     assert ds.queries.paths[1] == tmp_path / "test" / TST[2][0] / TST[2][1] / TST[2][2] / f"{TST[2]}.jpg"

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.metrics import gldv2_map_at_k, guie_mp_at_k, revisitop_map
+from retrieval.metrics import gldv2_map_at_k, guie_mp_at_k, map_at_k, revisitop_map
 
 GND_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "revisitop"
 KAPPAS = (1, 5, 10)
@@ -433,6 +433,23 @@ def test_gldv2_matches_formula_on_random_data():
 
 def test_gldv2_no_relevant_queries_is_nan():
     assert math.isnan(gldv2_map_at_k({"q": ["a"]}, {"q": []}))
+
+
+def test_map_at_k_on_arrays_equals_the_gldv2_scorer():
+    """Evaluation's array form (ranks of db indices, -1 padding) = the id-based Kaggle scorer."""
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        n_db, k = 40, int(rng.integers(1, 15))
+        ranks = np.stack([rng.choice(n_db, 20, replace=bool(rng.random() < 0.3)) for _ in range(8)])
+        ranks[:, int(rng.integers(5, 21)):] = -1  # fewer results than asked
+        positives = [rng.choice(n_db, int(rng.integers(0, 9)), replace=False) for _ in range(8)]
+        got = map_at_k(ranks, positives, k)
+        predictions = {f"q{q}": [f"i{j}" for j in row if j >= 0] for q, row in enumerate(ranks)}
+        solution = {f"q{q}": [f"i{j}" for j in pos] for q, pos in enumerate(positives)}
+        want = gldv2_map_at_k(predictions, solution, k)
+        assert (math.isnan(want) and math.isnan(got[f"map@{k}"])) or got[f"map@{k}"] == pytest.approx(want)
+        assert all(np.isnan(ap) == (len(pos) == 0) for ap, pos in zip(got["aps"], positives, strict=True))
+    assert map_at_k(np.array([[0, 5, 1]]), [[1, 0]], 100)["map@100"] == pytest.approx((1 + 2 / 3) / 2)
 
 
 # --------------------------------------------------------------------------------------------------

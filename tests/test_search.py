@@ -89,3 +89,71 @@ def test_knn_graph_pads_small_sets_and_ivf_finds_clustered_neighbours():
     assert recall > 0.9
     with pytest.raises(ValueError, match="unknown index"):
         knn_graph(x, 3, index="hnsw")
+
+
+def clustered(rng, n, d, n_centres=20, noise=0.05):
+    centres = rng.normal(size=(n_centres, d))
+    x = (centres[rng.integers(0, n_centres, n)] + noise * rng.normal(size=(n, d))).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_blocked_exact_search_returns_the_neighbours_of_one_shot_exact(tmp_path):
+    """FAISS result heaps over blocks (from arrays and from the HDF5 file) = one exact search of the whole."""
+    from retrieval.search import knn_blocked, knn_file
+
+    rng = np.random.default_rng(3)
+    db, q = unit_rows(rng, 6000, 48), unit_rows(rng, 300, 48)
+    one_scores, one_ids = knn(q, db, 60)
+    ids_list = [f"x{i}" for i in range(len(db))]
+    path = write_features(tmp_path / "db.h5", ids_list, db)
+    for scores, ids in (knn_blocked(q, (db[s:s + 777] for s in range(0, len(db), 777)), 60),
+                        knn_file(q, path, 60, block_rows=1000), knn_file(q, path, 60, block_rows=100_000)):
+        np.testing.assert_array_equal(ids, one_ids)
+        np.testing.assert_allclose(scores, one_scores, atol=1e-6)
+    # fewer rows than k: capped by knn_file, padded (-1, -inf) by knn_blocked
+    scores, ids = knn_blocked(q[:2], [db[:3], db[3:5]], 8)
+    assert (ids[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all()
+    assert sorted(ids[0, :5]) == [0, 1, 2, 3, 4]
+    assert knn_file(q[:2], path, 10**6, block_rows=4096)[1].shape == (2, 6000)
+    # float16 storage is read back as float32 and searched like the rounded vectors
+    half = write_features(tmp_path / "half.h5", ids_list, db.astype(np.float16))
+    np.testing.assert_array_equal(knn_file(q, half, 20, block_rows=2500)[1],
+                                  knn(q, db.astype(np.float16).astype(np.float32), 20)[1])
+
+
+def test_knn_graph_file_equals_the_in_memory_graph_and_resumes_after_a_kill(tmp_path):
+    from retrieval.index import build_index
+    from retrieval.search import build_knn_graph_file, read_knn_graph
+
+    rng = np.random.default_rng(4)
+    x = clustered(rng, 3000, 32)
+    features = write_features(tmp_path / "f.h5", [f"r{i}" for i in range(len(x))], x)
+    want_scores, want_ids = knn_graph(x, 6)
+    calls = []
+
+    def killed_on_third_batch(rows):  # called on each batch of 500 graph rows and each database block of 700/200
+        calls.append(len(rows))
+        if calls.count(500) == 3:
+            raise KeyboardInterrupt  # the run dies here; batches 0 and 1 are committed
+        return rows
+
+    out = tmp_path / "graph.h5"
+    with pytest.raises(KeyboardInterrupt):
+        build_knn_graph_file(features, out, 6, batch=500, block_rows=700, transform=killed_on_third_batch)
+    assert not out.exists() and (tmp_path / "graph.h5.tmp").exists()
+    calls.clear()
+    build_knn_graph_file(features, out, 6, batch=500, block_rows=700,
+                         transform=lambda rows: calls.append(len(rows)) or rows)
+    assert calls.count(500) == 4  # resumed at row 1000: the 4 batches left, not all 6
+    ids, scores, nb = read_knn_graph(out)
+    assert ids == [f"r{i}" for i in range(len(x))] and not (tmp_path / "graph.h5.tmp").exists()
+    np.testing.assert_array_equal(nb, want_ids)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+    # an approximate index holding the rows builds the same kind of graph, close to the exact one
+    ivf, _ = build_index(features, "IVF16,Flat")
+    ivf.nprobe = 4
+    build_knn_graph_file(features, tmp_path / "ivf.h5", 6, index=ivf, index_name="IVF16,Flat nprobe=4", batch=1000)
+    _, _, approx = read_knn_graph(tmp_path / "ivf.h5")
+    assert np.mean([len(set(a) & set(b)) / 6 for a, b in zip(approx, want_ids, strict=True)]) > 0.9
+    _, mem_ids = knn_graph(x, 6, index=ivf)
+    np.testing.assert_array_equal(mem_ids, approx)

@@ -291,3 +291,29 @@ def test_service_refuses_a_mismatched_net_and_unservable_rerankers(bench):
     with pytest.raises(RequestError, match="no image file is known"):
         thumbless.thumbnail(ids[0])
     assert json.dumps(thumbless.info())
+
+
+def test_service_searches_a_saved_index_of_its_features(bench, tmp_path):
+    """serve --index: plain kNN requests go to the saved index; it must hold the file's rows, unwhitened."""
+    from retrieval.features import write_features
+    from retrieval.index import build_index, save_index
+
+    ds, service, db_h5, q_h5 = bench
+    ids = read_features(db_h5)[0]
+    _, queries, _ = read_features(q_h5)
+    index, stats = build_index(db_h5, "HNSW8")
+    folder = save_index(tmp_path / "hnsw", index, ids, {**stats, "whiten": None})
+    indexed = load_service(service.net, db_h5, table=dataset_table(ds), methods=["aqe"], index=folder,
+                           params={"efsearch": 200})
+    assert indexed.info()["index"]["type"] == f"HNSW8 ({len(ids)} vectors, efsearch=200)"
+    results, _ = indexed.search(queries, 5)
+    expected, _ = service.search(queries, 5)
+    assert [[r["id"] for r in row] for row in results] == [[r["id"] for r in row] for row in expected]
+    reranked, _ = indexed.search(queries, 5, "aqe")  # chains still search the vectors exactly
+    assert reranked == service.search(queries, 5, "aqe")[0]
+    save_index(tmp_path / "whitened", index, ids, {**stats, "whiten": "pca"})
+    with pytest.raises(ValueError, match="built on rows whitened by 'pca'"):
+        load_service(service.net, db_h5, index=tmp_path / "whitened")
+    other = write_features(tmp_path / "other.h5", ids[::-1], read_features(db_h5)[1][::-1].copy())
+    with pytest.raises(ValueError, match="was built on other rows than"):
+        load_service(service.net, other, index=folder)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -22,7 +23,7 @@ from retrieval.runner import build_cli
 
 REPO = Path(__file__).resolve().parents[1]
 VERBS = ("job", "tuning", "predict", "evaluate", "submit", "multigpu-predict", "launch-slurm", "launch-qsub",
-         "serve", "clean")
+         "serve", "clean", "index", "whiten", "ensemble", "export")
 
 EXPERIMENT = """
 from retrieval.runner import main
@@ -64,24 +65,82 @@ def test_multigpu_predict_equals_predict_and_merges_blocks(tiny, tmp_path):
         assert result.exit_code == 0, result.output
         return result.stdout.split()
 
-    [q1, _] = invoke("predict", "--splits", "query,db")
-    ids1, f1, _ = read_features(q1)
+    [q1, _] = invoke("predict", "--ms", "--splits", "query,db")
+    ids1, f1, attrs1 = read_features(q1)
     out2 = tmp_path / "out2"
     cli2 = build_cli(params, name="exp", script=tmp_path / "exp.py")
-    r = CliRunner().invoke(cli2, ["--out-root", str(out2), "multigpu-predict", "-d", "0,1"], catch_exceptions=False)
+    r = CliRunner().invoke(cli2, ["--out-root", str(out2), "multigpu-predict", "-d", "0,1", "--ms"],
+                           catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    ids2, f2, attrs = read_features(r.stdout.split()[0])
-    assert ids2 == ids1 and np.allclose(f1, f2, atol=1e-5) and attrs["shards"] == 2
+    q2 = Path(r.stdout.split()[0])
+    ids2, f2, attrs = read_features(q2)
+    assert q2.relative_to(out2) == Path(q1).relative_to(tmp_path / "out")  # the very file predict writes
+    assert ids2 == ids1 and np.abs(f1 - f2).max() <= 1e-5 and attrs["shards"] == 2
+    assert {k: v for k, v in attrs.items() if k != "shards"} == attrs1  # same schema, settings and job signature
     assert not list((out2 / "pretrained" / "features").rglob("*shard*"))  # merged and removed
     # one block at a time (one array task each), then the merge
-    out3 = ["--out-root", str(tmp_path / "out3"), "multigpu-predict", "-n", "3"]
+    out3 = ["--out-root", str(tmp_path / "out3"), "multigpu-predict", "-n", "3", "--ms"]
     r = CliRunner().invoke(cli2, [*out3, "-i", "1", "--splits", "query"], catch_exceptions=False)
     shard = Path(r.stdout.split()[0])
-    assert shard.name == "query_ss.shard1of3.h5" and shard.is_file()
+    assert shard.name == "query_ms.shard1of3.h5" and shard.is_file()
     assert read_features(shard)[0] == ids1[1:2]  # block 1 of 3 of the 3 queries
     r = CliRunner().invoke(cli2, [*out3, "--splits", "query"], catch_exceptions=False)
     ids3, f3, _ = read_features(r.stdout.split()[0])
-    assert ids3 == ids1 and np.allclose(f1, f3, atol=1e-5) and not shard.exists()
+    assert ids3 == ids1 and np.abs(f1 - f3).max() <= 1e-5 and not shard.exists()
+
+
+KILLED_SHARD_EXPERIMENT = """
+import os, signal
+from pathlib import Path
+import retrieval.data.images as images_mod
+from retrieval.runner import main
+
+params = {params!r}
+real_load = images_mod.load_image
+
+
+def load_or_die(path, bbx=None):  # runs in the spawned shard workers too: they import this file again
+    mark = Path(os.environ.get("KILL_MARK", "-"))
+    if Path(path).stem == os.environ.get("KILL_AT") and not mark.exists():
+        mark.touch()
+        os.kill(os.getpid(), signal.SIGKILL)  # this worker dies as if its machine went away
+    return real_load(path, bbx)
+
+
+images_mod.load_image = load_or_die
+if __name__ == "__main__":
+    main(params, [])
+"""
+
+
+@pytest.mark.slow
+def test_sigkilled_shard_worker_resumes_and_equals_predict(tmp_path):
+    data = write_labelled_folder(tmp_path / "data", n_classes=4, per_class=6, queries=True)  # 20 db images
+    params = {**TINY_TRAIN_PARAMS, "dataset": f"folder:{data}", "train_set": f"folder:{data}"}
+    exp = tmp_path / "killer.py"
+    exp.write_text(KILLED_SHARD_EXPERIMENT.format(params=params))
+    root = tmp_path / "out"
+    cmd = [sys.executable, str(exp), "--out-root", str(root), "multigpu-predict", "-d", "0,1", "-b", "2",
+           "--splits", "index"]
+    db = sorted(p.stem for p in data.parent.glob("*.jpg") if not p.stem.endswith("_v0"))
+    env = {**os.environ, "KILL_AT": db[10 + 9], "KILL_MARK": str(tmp_path / "killed")}  # shard 1's last input
+    killed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0 and (tmp_path / "killed").exists(), killed.stderr[-2000:]
+    folder = root / "pretrained" / "features" / "data"
+    with h5py.File(folder / "db_ss.shard1of2.h5.tmp", "r") as f:  # its first window (4 batches of 2) is committed
+        assert f.attrs["cursor"] == 8 and f.attrs["rows"] == 8 and not f.attrs["complete"]
+    assert not (folder / "db_ss.h5").exists()
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "db_ss.shard1of2.h5.tmp: resuming at input 8 of 10" in (folder / "extract.log").read_text()
+    ids, feats, attrs = read_features(folder / "db_ss.h5")
+    cli = build_cli(params, name="exp", script=tmp_path / "exp.py")
+    ref = CliRunner().invoke(cli, ["--out-root", str(tmp_path / "ref"), "predict", "-b", "2", "--splits", "db"],
+                             catch_exceptions=False)
+    ref_ids, ref_feats, _ = read_features(ref.stdout.split()[0])
+    assert ids == ref_ids and len(set(ids)) == len(ids) == 20  # no row lost or repeated
+    assert np.abs(feats - ref_feats).max() <= 1e-5 and attrs["shards"] == 2
+    assert not list(folder.glob("*shard*"))
 
 
 @pytest.mark.slow

@@ -23,7 +23,9 @@ def load_dataset(spec: str, data_root: str | os.PathLike = "data", synthetic_siz
 
     ``spec``: ``synthetic`` (generated under ``<data_root>/synthetic-<size>-s<seed>`` on first use),
     ``roxford5k`` / ``rparis6k`` (``<data_root>/revisitop/<name>``, see scripts/download_revisitop.sh),
-    ``gldv2`` (``<data_root>/gldv2``, see scripts/download_gldv2.sh), or ``folder:<csv>`` / a path to a CSV.
+    ``gldv2`` (``<data_root>/gldv2``, see scripts/download_gldv2.sh), ``folder:<csv>`` / a path to a CSV,
+    or ``vectors:N[,queries=Q,dim=D,...]`` (features only, written under ``<data_root>/vectors-...``,
+    see `retrieval.data.vectors`).
     """
     data_root = Path(data_root)
     if spec == "synthetic":
@@ -41,6 +43,12 @@ def load_dataset(spec: str, data_root: str | os.PathLike = "data", synthetic_siz
         from retrieval.data.gldv2 import load_gldv2_retrieval
 
         return load_gldv2_retrieval(data_root / "gldv2")
+    if spec.startswith("vectors:"):
+        from retrieval.data.vectors import parse_spec
+
+        vectors = parse_spec(spec, seed)
+        return vectors.dataset(data_root / vectors.name)
     if spec.startswith("folder:") or spec.endswith(".csv"):
         return load_folder(spec.removeprefix("folder:"))
-    raise ValueError(f"unknown dataset {spec!r}: expected synthetic, roxford5k, rparis6k, gldv2 or folder:<csv>")
+    raise ValueError(f"unknown dataset {spec!r}: expected synthetic, roxford5k, rparis6k, gldv2, folder:<csv> "
+                     "or vectors:<N>")

@@ -45,6 +45,10 @@ class RetrievalDataset:
     ``labels``: the landmark id of an image id, where the benchmark knows it (folder CSVs with a
     ``landmark_id`` column, the built-in benchmark); shown by the search service. ``domains``: the
     domain of an image id (folder CSVs with a ``domain`` column), for per-domain evaluation.
+    ``protocol``: how rankings are scored, ``revisitop`` (mAP / mP@k of the Easy, Medium, Hard
+    protocols over the whole ranking) or ``gldv2`` (mAP@100 of the ``easy`` positives).
+    ``features``: a features-only benchmark's descriptor files by split (``query``, ``db``);
+    evaluation reads them instead of what ``predict`` extracts (it has no images).
     """
 
     name: str
@@ -53,10 +57,14 @@ class RetrievalDataset:
     gnd: list[dict] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     domains: dict[str, str] = field(default_factory=dict)
+    protocol: str = "revisitop"
+    features: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.gnd and len(self.gnd) != len(self.queries):
             raise ValueError(f"{self.name}: {len(self.queries)} queries but {len(self.gnd)} gnd records")
+        if self.protocol not in ("revisitop", "gldv2"):
+            raise ValueError(f"{self.name}: unknown protocol {self.protocol!r}; expected revisitop or gldv2")
 
     def split(self, name: str) -> ImageList:
         """``query`` or ``db`` (aliases: ``queries``, ``test`` / ``index``, ``database``)."""

@@ -273,4 +273,4 @@ def load_gldv2_retrieval(root: str | os.PathLike, solution_csv: str | os.PathLik
     gnd = [{"easy": [db_row[d] for d in solution[q]], "hard": [], "junk": []} for q in query_ids]
     queries = ImageList(query_ids, [gldv2_image_path(root, "test", q) for q in query_ids])
     db = ImageList(index_ids, [gldv2_image_path(root, "index", d) for d in index_ids])
-    return RetrievalDataset("gldv2", queries, db, gnd)
+    return RetrievalDataset("gldv2", queries, db, gnd, protocol="gldv2")

@@ -47,6 +47,11 @@ SIZE_TEMPLATES: dict[str, tuple[Template, ...]] = {
     "SM2": ((736, 512), (704, 544), (608, 608), (544, 704), (512, 736)),
     # their last "scale-up" epoch
     "M2": ((800, 544), (800, 608), (704, 704), (608, 800), (544, 800)),
+    # their extraction templates (``predict --scale``): three or five aspect buckets
+    "S": ((512, 384), (448, 448), (384, 512)),
+    "M": ((800, 608), (704, 704), (608, 800)),
+    "L": ((800, 608), (800, 800), (608, 800)),
+    "L2": ((800, 544), (800, 608), (800, 800), (608, 800), (544, 800)),
 }
 
 # Stream ids for np.random.default_rng([seed, epoch, stream]); above any image index, so they
