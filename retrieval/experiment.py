@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from retrieval.data import ImageList, RetrievalDataset, load_dataset
+from retrieval.data.dataset import SPLIT_ALIASES
 from retrieval.data.trainset import TrainSet, load_train_set
 from retrieval.evaluate import SEARCH_PARAMS, evaluate_features, load_pair
 from retrieval.extract import MULTI_SCALES, extract_on_devices, sizing_params
@@ -44,6 +45,7 @@ from retrieval.index import (
     index_slug,
     load_index,
     save_index,
+    search_overrides,
     set_search_params,
 )
 from retrieval.models import RetrievalNet, create_model, load_checkpoint
@@ -161,8 +163,7 @@ def features_path(setting_dir: Path, dataset: str, split: str, ms: bool) -> Path
     return setting_dir / "features" / dataset / f"{split}_{'ms' if ms else 'ss'}.h5"
 
 
-SPLIT_NAMES = {"query": "query", "queries": "query", "test": "query", "db": "db", "database": "db", "index": "db",
-               "train": "train"}
+SPLIT_NAMES = {**SPLIT_ALIASES, "train": "train"}  # predict's splits: the dataset's and the label set
 
 
 def predict(exp: Experiment, checkpoint: Path | None, ms: bool, splits: Sequence[str],
@@ -251,8 +252,7 @@ def experiment_index(exp: Experiment, folder: Path, ds: RetrievalDataset, ms: bo
     path = index_dir(folder, ds.name, ms, str(factory), whitening.name if whitening else None)
     if not (path / PARAMS_FILE).is_file():
         raise FileNotFoundError(f"{path}: no saved index; run `index --factory {factory}{flags}` first")
-    p = exp.params
-    return load_index(path, nprobe=p.get("nprobe"), efsearch=p.get("efsearch"), k_factor=p.get("k_factor"))
+    return load_index(path, **search_overrides(exp.params))
 
 
 def evaluate(exp: Experiment, checkpoint: Path | None, ms: bool, methods: Sequence[str],

@@ -45,6 +45,14 @@ def tmp_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
+def file_stamp(path: str | os.PathLike) -> str:
+    """``<absolute path>|<size>|<mtime ns>``: what a job derived from a file hashes, so a rewritten
+    source makes its resumable outputs start over."""
+    path = Path(path)
+    stat = path.stat()
+    return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def read_strings(dataset: h5py.Dataset) -> list[str]:
     """A UTF-8 string dataset as a list of ``str``."""
     return dataset.asstr()[()].tolist()

@@ -276,6 +276,12 @@ def load_index(folder: str | os.PathLike, *, gpus: Sequence[int] | None = None, 
     return SavedIndex(index, ids, params, folder)
 
 
+def search_overrides(params: dict[str, Any]) -> dict[str, Any]:
+    """An experiment's ``nprobe`` / ``efsearch`` / ``k_factor`` params as `load_index`'s keywords
+    (None keeps the saved default)."""
+    return {name: params.get(name) for name in SEARCH_PARAMS}
+
+
 def check_ids(saved: SavedIndex, ids: Sequence[str], features: str | os.PathLike) -> None:
     """The index must hold exactly the features file's rows, in order; a one-line error names both."""
     if len(saved.ids) != len(ids) or saved.ids != list(ids):

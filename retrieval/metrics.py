@@ -153,33 +153,23 @@ def gldv2_map_at_k(
     """
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
-    total = 0.0
-    n_queries = 0
-    for query, relevant in solution.items():
-        rel = set(relevant)
-        if not rel:
-            continue
-        n_queries += 1
-        preds = predictions.get(query)
-        if not preds:
-            continue
-        seen: set[str] = set()
-        n_correct = 0
-        ap = 0.0
-        for i, pred in enumerate(list(preds)[:k]):
-            if pred in seen:
-                continue
-            seen.add(pred)
-            if pred in rel:
-                n_correct += 1
-                ap += n_correct / (i + 1)
-        total += ap / min(len(rel), k)
-    return total / n_queries if n_queries else float("nan")
+    number: dict[str, int] = {}  # every id seen -> an index, so the ids become `map_at_k`'s arrays
+
+    def indices(ids: Iterable[str]) -> list[int]:
+        return [number.setdefault(i, len(number)) for i in ids]
+
+    queries = list(solution)
+    positives = [indices(set(solution[q])) for q in queries]
+    predicted = [indices(list(predictions.get(q) or ())[:k]) for q in queries]
+    ranks = np.full((len(queries), max([1, *map(len, predicted)])), -1, np.int64)  # -1: no prediction there
+    for row, pred in zip(ranks, predicted, strict=True):
+        row[:len(pred)] = pred
+    return map_at_k(ranks, positives, k)[f"map@{k}"]
 
 
 def map_at_k(ranks: np.ndarray, positives: Sequence[Iterable[int]], k: int = 100) -> dict[str, Any]:
-    """`gldv2_map_at_k` on arrays: ``ranks`` (Q, n) db indices, best first (-1 = none), ``positives[q]``
-    the relevant db indices of query q.
+    """Google Landmark Retrieval mAP@k on arrays (`gldv2_map_at_k` is its id-based front): ``ranks`` (Q, n)
+    db indices, best first (-1 = none), ``positives[q]`` the relevant db indices of query q.
 
     AP@k(q) = 1/min(m_q, k) · Σ_{i ≤ k} P_q(i)·rel_q(i); a repeated index counts once (its first place).
     Returns ``{"map@<k>": mean over queries with m_q > 0 (NaN if none), "aps": per-query AP@k, NaN

@@ -39,6 +39,7 @@ from retrieval.features import (
     FeaturesReader,
     FeatureWriter,
     check_schema,
+    file_stamp,
     tmp_path,
 )
 
@@ -160,7 +161,7 @@ def load_whitening(path: str | os.PathLike) -> Whitening:
 # ---------------------------------------------------------------- writing derived features files
 
 def _signature(sources: Sequence[Path], settings: Any) -> str:
-    parts = [f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in sources]
+    parts = [file_stamp(p) for p in sources]
     return hashlib.sha1(repr((parts, settings)).encode()).hexdigest()
 
 

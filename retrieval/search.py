@@ -35,7 +35,7 @@ import faiss
 import h5py
 import numpy as np
 
-from retrieval.features import STR_DTYPE, FeaturesReader, check_schema, read_strings, tmp_path
+from retrieval.features import STR_DTYPE, FeaturesReader, check_schema, file_stamp, read_strings, tmp_path
 
 logger = logging.getLogger(__name__)
 
@@ -229,9 +229,7 @@ def build_knn_graph_file(features: str | os.PathLike, path: str | os.PathLike, k
         n = len(reader)
         if index is not None and index.ntotal != n:
             raise ValueError(f"{features}: {n} rows but the index holds {index.ntotal} vectors")
-        stat = reader.path.stat()
-        job = (f"{reader.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{k}|{index_name}|"
-               f"{getattr(transform, 'name', '')}")
+        job = f"{file_stamp(reader.path)}|{k}|{index_name}|{getattr(transform, 'name', '')}"
         signature = hashlib.sha1(job.encode()).hexdigest()
         f = _open_graph_tmp(tmp, signature, n, k)
         try:

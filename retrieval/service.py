@@ -36,7 +36,7 @@ from retrieval.data.folder import read_image_csv
 from retrieval.data.images import ImageLoadError, InputSize, crop_box, load_image, to_uint8_tensor
 from retrieval.extract import describe_grouped
 from retrieval.features import read_features
-from retrieval.index import SavedIndex, check_ids, load_index
+from retrieval.index import SavedIndex, check_ids, load_index, search_overrides
 from retrieval.models.net import RetrievalNet
 from retrieval.rerank import RerankContext, needs_images, needs_labels, parse_method, rerank_search
 
@@ -390,7 +390,6 @@ def load_service(net: RetrievalNet, features: str | os.PathLike, *, table: Image
                        net.meta["checkpoint"])
     saved = None
     if index is not None:
-        p = dict(params or {})
-        saved = load_index(index, nprobe=p.get("nprobe"), efsearch=p.get("efsearch"), k_factor=p.get("k_factor"))
+        saved = load_index(index, **search_overrides(dict(params or {})))
     return SearchService(net, ids, feats, attrs, table=table, methods=methods, params=params, limits=limits,
                          device=device, features_path=features, index=saved)

@@ -38,6 +38,11 @@ class ImageList:
         return None if self.bbxs is None else self.bbxs[i]
 
 
+# a split's names -> its canonical name (GLDv2 calls the queries "test" and the database "index")
+SPLIT_ALIASES = {"query": "query", "queries": "query", "test": "query",
+                 "db": "db", "database": "db", "index": "db"}
+
+
 @dataclass
 class RetrievalDataset:
     """Queries, database and revisitop-style ground truth (``gnd[i]`` belongs to query ``i``).
@@ -68,9 +73,10 @@ class RetrievalDataset:
 
     def split(self, name: str) -> ImageList:
         """``query`` or ``db`` (aliases: ``queries``, ``test`` / ``index``, ``database``)."""
-        if name in ("query", "queries", "test"):
+        split = SPLIT_ALIASES.get(name)
+        if split == "query":
             return self.queries
-        if name in ("db", "database", "index"):
+        if split == "db":
             return self.db
         raise ValueError(f"{self.name}: unknown split {name!r}; expected 'query' or 'db'")
 
