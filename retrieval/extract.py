@@ -43,6 +43,7 @@ from tqdm import tqdm
 from retrieval.data.dataset import ImageList
 from retrieval.data.images import ImageListDataset, InputSize, collate_items, normalize
 from retrieval.features import FeatureWriter, check_schema, merge_features, read_skipped
+from retrieval.models.fold import fold_batchnorm
 from retrieval.models.net import RetrievalNet
 from retrieval.models.pooling import l2n
 from retrieval.processes import die_with_parent
@@ -260,9 +261,11 @@ def iter_descriptors(net: RetrievalNet, images: ImageList, *, image_size: int, s
 
     ``end`` is one past the last input of the window, ``rows`` the inputs described (``feats``
     row by row, in input order) and ``skipped`` ``(input, reason)`` for those that could not be
-    read. ``net`` must already be on ``device`` in eval mode.
+    read. ``net`` must already be on ``device`` in eval mode; it runs with its BatchNorms folded
+    (`fold_batchnorm`: the same descriptors, a forward pass up to twice as fast on a CPU).
     """
     device = torch.device(device)
+    net = fold_batchnorm(net)
     size = InputSize.create(image_size, resize, scale)
     window = int(window or default_window(batch_size, size))
     if window < 1 or int(batch_size) < 1:
