@@ -274,7 +274,7 @@ def iter_descriptors(net: RetrievalNet, images: ImageList, *, image_size: int, s
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
                         collate_fn=collate_items, pin_memory=device.type == "cuda",
                         multiprocessing_context=LOADER_CONTEXT if num_workers > 0 else None)
-    batcher = ShapeBatcher(net, tuple(scales), int(batch_size), device, stats)
+    batcher = ShapeBatcher(net, tuple(scales), int(batch_size), device, stats, autotune=size.buckets is not None)
     end = min(len(images), start + window)
     skipped: list[tuple[int, str]] = []
     for chunk in loader:
@@ -296,6 +296,20 @@ def iter_descriptors(net: RetrievalNet, images: ImageList, *, image_size: int, s
 CPU_FORWARD_PIXELS = 2**17
 
 
+@contextmanager
+def cudnn_autotune(enabled: bool) -> Iterator[None]:
+    """cuDNN's algorithm search (``benchmark``) on inside the block when ``enabled``; other cuDNN flags kept."""
+    if not enabled:
+        yield
+        return
+    cudnn, before = torch.backends.cudnn, torch.backends.cudnn.benchmark
+    cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        cudnn.benchmark = before
+
+
 class ShapeBatcher:
     """Images queued by shape; a queue goes through the net when it holds ``batch_size`` images or on `flush`.
 
@@ -304,11 +318,14 @@ class ShapeBatcher:
     (oneDNN's fast layout). A partial forward is padded (with copies of its last image, whose
     outputs are dropped) to a power of two: oneDNN and cuDNN keep a plan per input shape, and
     forwards of every size would make their caches, and the process, grow with the number of images.
+    ``autotune`` (for aspect buckets: a handful of input shapes) lets cuDNN time its algorithms once per
+    shape and keep the fastest; with exact sizes every new shape would pay that search, so it is off.
     """
 
     def __init__(self, net: RetrievalNet, scales: tuple[float, ...], batch_size: int, device: torch.device,
-                 stats: ExtractStats | None = None) -> None:
+                 stats: ExtractStats | None = None, autotune: bool = False) -> None:
         self.net, self.scales, self.batch_size, self.device = net, scales, batch_size, device
+        self.autotune = autotune and device.type == "cuda"
         self.stats = stats if stats is not None else ExtractStats()
         self.stats.batch_size = batch_size
         self.queues: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
@@ -345,7 +362,8 @@ class ShapeBatcher:
             x = normalize(x, self.net.meta["mean"], self.net.meta["std"])
             if cpu:
                 x = x.contiguous(memory_format=torch.channels_last)
-            self.feats.append(describe(self.net, x, self.scales)[:n].float().cpu().numpy())
+            with cudnn_autotune(self.autotune):
+                self.feats.append(describe(self.net, x, self.scales)[:n].float().cpu().numpy())
         self.rows += [i for i, _ in items]
         self.stats.images += len(items)
         self.stats.batches += 1

@@ -5,7 +5,9 @@ the real photos of ``--photos`` (``../shared/data/landmarks``: 33 photos, skippe
 the built-in benchmark's database (``--synthetic``), each repeated ``--repeat`` times, by
 
 - ``batch1``: cirtorch's extractor, run here as the baseline: PIL ``thumbnail`` (``imresize``), a
-  DataLoader of batch size 1 with ``--baseline-workers`` workers, one forward per image;
+  DataLoader of batch size 1 with ``--baseline-workers`` workers, one forward per image of the net as given;
+- ``batch1-folded``: the same loop on the net with its BatchNorms folded (`fold_batchnorm`, as our
+  extraction runs it), to tell the gain of folding from that of batching;
 - ``shape-grouped``: today's batching: each image at its own size (resize ``long``), a batch only
   for the equal shapes among ``batch_size`` consecutive inputs (``scale="exact"``, window = batch);
 - ``exact-windowed``: each image at its own size (cirtorch's), equal shapes grouped over a window;
@@ -56,8 +58,10 @@ from retrieval.extract import (  # noqa: E402
     extract_on_devices,
 )
 from retrieval.models import create_model  # noqa: E402
+from retrieval.models.fold import fold_batchnorm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+BASELINES = ("batch1", "batch1-folded")  # cirtorch's loop on the net as given, and on the folded net
 SIZINGS = {  # our variants: extract_features' sizing and window
     "shape-grouped": {"resize": "long", "scale": "exact", "window": "batch"},
     "exact-windowed": {"resize": "cirtorch", "scale": "exact"},
@@ -113,8 +117,10 @@ class CirtorchImages(Dataset):
         return to_tensor(img, self.mean, self.std)
 
 
-def batch1_loop(net, images: ImageList, image_size: int, scales, args, device: torch.device) -> np.ndarray:
+def batch1_loop(net, images: ImageList, image_size: int, scales, args, device: torch.device,
+                fold: bool = False) -> np.ndarray:
     """cirtorch's ``extract_vectors``: one image per forward, decoding in ``--baseline-workers`` workers."""
+    net = fold_batchnorm(net) if fold else net
     loader = DataLoader(CirtorchImages(images, image_size, net.meta["mean"], net.meta["std"]), batch_size=1,
                         num_workers=args.baseline_workers, shuffle=False, pin_memory=device.type == "cuda")
     vecs = np.zeros((len(images), net.meta["dim"]), np.float32)
@@ -146,14 +152,14 @@ def throughput(net, sets: dict[str, tuple[ImageList, int]], args, device: torch.
     runs = 0
     for name, (images, image_size) in sets.items():
         for kind, scales in (("ss", (1.0,)), ("ms", MULTI_SCALES)):
-            seconds: dict[str, list[float]] = {v: [] for v in ("batch1", *SIZINGS)}
+            seconds: dict[str, list[float]] = {v: [] for v in (*BASELINES, *SIZINGS)}
             cores: dict[str, list[float]] = {v: [] for v in seconds}
-            occupancy: dict[str, float] = {"batch1": 1.0}
+            occupancy: dict[str, float] = dict.fromkeys(BASELINES, 1.0)
             for _ in range(args.rounds):
                 for variant in seconds:
                     cpu, t = cpu_seconds(), time.perf_counter()
-                    if variant == "batch1":
-                        batch1_loop(net, images, image_size, scales, args, device)
+                    if variant in BASELINES:
+                        batch1_loop(net, images, image_size, scales, args, device, fold=variant == "batch1-folded")
                     else:
                         sizing = dict(SIZINGS[variant])
                         window = args.batch_size if sizing.pop("window", None) == "batch" else None
@@ -172,7 +178,7 @@ def throughput(net, sets: dict[str, tuple[ImageList, int]], args, device: torch.
                        "images_per_s": round(len(images) / statistics.median(times), 2),
                        "seconds": [round(s, 2) for s in times],
                        "cores_used": round(statistics.median(cores[variant]), 2),
-                       "batch_size": 1 if variant == "batch1" else args.batch_size,
+                       "batch_size": 1 if variant in BASELINES else args.batch_size,
                        "mean_batch_occupancy": round(occupancy[variant], 3)}
                 emit(row)
                 out[(name, kind, variant)] = row
@@ -331,9 +337,10 @@ def main() -> int:
             rows = throughput(net, sets, args, device, tmp)
             for name in sets:
                 for kind in ("ss", "ms"):
-                    speed = {v: rows[(name, kind, v)]["images_per_s"] for v in ("batch1", *SIZINGS)}
+                    speed = {v: rows[(name, kind, v)]["images_per_s"] for v in (*BASELINES, *SIZINGS)}
                     for a, b in (("aspect", "shape-grouped"), ("aspect", "batch1"), ("shape-grouped", "batch1"),
-                                 ("exact-windowed", "batch1")):
+                                 ("exact-windowed", "batch1"), ("aspect", "batch1-folded"),
+                                 ("batch1-folded", "batch1")):
                         key = f"{name}_{kind}_{a}_vs_{b}".replace("-", "_")
                         summary[key] = round(speed[a] / speed[b], 3)
                     summary[f"{name}_{kind}_occupancy".replace("-", "_")] = {

@@ -19,7 +19,7 @@ def test_bench_extract_prints_json_for_every_variant_and_the_ratios(tmp_path):
     rows = [json.loads(line) for line in out.splitlines()]
     speed = [r for r in rows if r.get("part") == "throughput"]
     assert {(r["scales"], r["variant"]) for r in speed} == {
-        (s, v) for s in ("ss", "ms") for v in ("batch1", "shape-grouped", "exact-windowed", "aspect")}
+        (s, v) for s in ("ss", "ms") for v in ("batch1", "batch1-folded", "shape-grouped", "exact-windowed", "aspect")}
     assert all(r["images_per_s"] > 0 and 0 < r["mean_batch_occupancy"] <= 1 for r in speed)
     aspect = next(r for r in speed if r["variant"] == "aspect" and r["scales"] == "ss")
     grouped = next(r for r in speed if r["variant"] == "shape-grouped" and r["scales"] == "ss")
@@ -28,4 +28,5 @@ def test_bench_extract_prints_json_for_every_variant_and_the_ratios(tmp_path):
     assert [r["images"] for r in rss] == [30, 60] and all(r["peak_rss_mb"] > 0 for r in rss)
     summary = rows[-1]
     assert summary["summary"] and summary["synthetic_tiny_ss_aspect_vs_batch1"] > 0
+    assert summary["synthetic_tiny_ms_aspect_vs_batch1_folded"] > 0
     assert summary["rss_peak_ratio_largest_vs_smallest"] > 0

@@ -319,3 +319,16 @@ def test_killed_merge_resumes_without_losing_or_repeating_rows(tmp_path, monkeyp
     assert ids == ref_ids == ["s0_0", "s0_2", "s0_3", "s0_4", "s1_0", "s1_1", "s1_2", "s1_4"]
     assert np.array_equal(feats, ref_feats) and attrs["shards"] == 2 and attrs["n_inputs"] == 11
     assert read_skipped(merged) == read_skipped(full) == [(1, "corrupt"), (8, "corrupt"), (10, "corrupt")]
+
+
+def test_cudnn_autotunes_only_the_few_shapes_of_aspect_buckets(net):
+    from retrieval.extract import ShapeBatcher, cudnn_autotune
+
+    before = torch.backends.cudnn.benchmark
+    with cudnn_autotune(True):
+        assert torch.backends.cudnn.benchmark
+    assert torch.backends.cudnn.benchmark == before
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert ShapeBatcher(net, (1.0,), 4, cuda, autotune=True).autotune
+    assert not ShapeBatcher(net, (1.0,), 4, cuda).autotune  # exact sizes: a search for every new shape
+    assert not ShapeBatcher(net, (1.0,), 4, cpu, autotune=True).autotune
