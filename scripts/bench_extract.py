@@ -321,7 +321,9 @@ def main() -> int:
     parts = set(args.parts.split(","))
     cuda = torch.cuda.is_available()
     ids = [s for s in args.devices.split(",") if s]
-    devices = [f"cuda:{i}" for i in ids] if cuda else ["cpu"] * len(ids)
+    # a GPU that is not there is left out (one lent GPU: the processes part is skipped)
+    devices = [f"cuda:{i}" for i in ids if int(i) < torch.cuda.device_count()] if cuda else ["cpu"] * len(ids)
+    devices = devices or ["cuda:0"]
     device = torch.device(devices[0])
     summary: dict = {"summary": True, "device": "cuda" if cuda else "cpu", "cpu_count": os.cpu_count(),
                      "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
