@@ -112,3 +112,12 @@ def test_extraction_runs_the_folded_net_and_writes_the_unfolded_descriptors(tmp_
         for row, path in enumerate(paths):
             x = to_tensor(size.apply(load_image(path)), net.meta["mean"], net.meta["std"])[None]
             assert np.allclose(feats[row], net(x)[0].numpy(), atol=1e-5)
+
+
+def test_the_copy_shares_every_tensor_it_does_not_fold():
+    torch.manual_seed(0)
+    net = random_statistics(create_model(architecture="resnet18", pretrained=None, fc_dim=16,
+                                         head={"name": "arcface", "n_classes": 10}))
+    folded = fold_batchnorm(net)
+    assert folded.head.weight is net.head.weight  # the training head is not copied
+    assert folded.backbone.conv1.weight is not net.backbone.conv1.weight  # a folded conv has its own weights

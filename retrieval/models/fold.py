@@ -118,7 +118,8 @@ def fold_batchnorm(net: nn.Module, probe: torch.Tensor | None = None) -> nn.Modu
     pairs = find_foldable(net, probe)
     if not pairs:
         return net
-    folded = copy.deepcopy(net)
+    # a copy of the modules only: every tensor is shared, and folding rebinds the weights of the copy's layers
+    folded = copy.deepcopy(net, memo={id(t): t for t in (*net.parameters(), *net.buffers())})
     for feeder, norm in pairs:
         bn = folded.get_submodule(norm)
         _fold_pair(folded.get_submodule(feeder), bn)
