@@ -105,7 +105,7 @@ def test_extraction_runs_the_folded_net_and_writes_the_unfolded_descriptors(tmp_
     seen = []  # batch sizes reaching the original net's first BatchNorm
     net.get_submodule(norms(net)[0]).register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     out = extract_features(net, images, tmp_path / "f.h5", image_size=64, batch_size=4, progress=False)
-    assert seen == [1, 1]  # the probe, then its check against the fold: the images go through the folded copy
+    assert seen == [1]  # the probe alone: the images go through the folded copy
     ids, feats, _ = read_features(out)
     size = InputSize.create(64, "long", "exact")
     with torch.inference_mode():

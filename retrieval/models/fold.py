@@ -41,6 +41,11 @@ def _norm_replacement(norm: nn.Module) -> nn.Module | None:
 def find_foldable(net: nn.Module, probe: torch.Tensor) -> list[tuple[str, str]]:
     """``(feeder name, norm name)`` pairs of ``net`` (in eval mode): a BatchNorm with running statistics whose
     only call takes the output of a conv / linear layer that is itself called once in ``net(probe)``."""
+    return _trace_foldable(net, probe)[0]
+
+
+def _trace_foldable(net: nn.Module, probe: torch.Tensor) -> tuple[list[tuple[str, str]], torch.Tensor]:
+    """`find_foldable`'s pairs and ``net(probe)``, from the one forward pass that finds them."""
     names = {m: n for n, m in net.named_modules()}
     calls: dict[str, int] = {}
     outputs: dict[int, tuple[str, torch.Tensor]] = {}  # id(output) -> (feeder, output): kept alive so ids stay unique
@@ -57,7 +62,7 @@ def find_foldable(net: nn.Module, probe: torch.Tensor) -> list[tuple[str, str]]:
     def before_norm(module: nn.Module, args: tuple) -> None:
         name = count(module)
         fed = outputs.get(id(args[0])) if args and isinstance(args[0], torch.Tensor) else None
-        inputs[name] = inputs.get(name, ()) + ((fed[0] if fed is not None and fed[1] is args[0] else ""),)
+        inputs[name] = inputs.get(name, ()) + ((fed[0] if fed is not None else ""),)
 
     hooks = []
     for m in net.modules():
@@ -67,7 +72,7 @@ def find_foldable(net: nn.Module, probe: torch.Tensor) -> list[tuple[str, str]]:
             hooks.append(m.register_forward_pre_hook(before_norm))
     try:
         with torch.inference_mode():
-            net(probe)
+            reference = net(probe)
     finally:
         for h in hooks:
             h.remove()
@@ -76,7 +81,7 @@ def find_foldable(net: nn.Module, probe: torch.Tensor) -> list[tuple[str, str]]:
         feeder = fed_by[0]
         if len(fed_by) == 1 and feeder and calls.get(feeder) == 1:
             pairs.append((feeder, norm))
-    return pairs
+    return pairs, reference
 
 
 @torch.no_grad()
@@ -115,7 +120,7 @@ def fold_batchnorm(net: nn.Module, probe: torch.Tensor | None = None) -> nn.Modu
     if net.training:
         raise ValueError("fold_batchnorm is for nets in eval mode: call net.eval() first")
     probe = probe_input(net) if probe is None else probe
-    pairs = find_foldable(net, probe)
+    pairs, reference = _trace_foldable(net, probe)
     if not pairs:
         return net
     # a copy of the modules only: every tensor is shared, and folding rebinds the weights of the copy's layers
@@ -126,7 +131,7 @@ def fold_batchnorm(net: nn.Module, probe: torch.Tensor | None = None) -> nn.Modu
         _set_submodule(folded, norm, _norm_replacement(bn))
     folded.eval()
     with torch.inference_mode():
-        diff = (folded(probe).float() - net(probe).float()).abs().max().item()
+        diff = (folded(probe).float() - reference.float()).abs().max().item()
     if not diff <= FOLD_TOLERANCE:
         logger.warning("BatchNorm folding changed the descriptors by %.2g on a probe image: using the net unfolded",
                        diff)
