@@ -88,6 +88,15 @@ def tiny_sources(params: dict, data: dict) -> list[dict]:
     return [{**entry, "train_set": f"folder:{data['sources'][entry['name']]}"} for entry in params["train_sets"]]
 
 
+def run_small_guie(name: str, out: Path, data: dict, **extra) -> dict:
+    """The GUIE recipe ``name`` as a small job: a tiny CLIP tower, the tiny sources, small stages and sizes."""
+    params = recipe(name).params
+    return run_job(name, out, {
+        "backbone_kwargs": TINY_CLIP_KWARGS, "train_sets": tiny_sources(params, data),
+        "stages": small_stages(params), **small_sizes(params), "dataset": data["val"],
+        "val_dataset": data["val"], "batch_size": 4, "num_workers": 0, "progress": False, **extra})
+
+
 def _results(out: Path, setting: str = "default") -> dict:
     (res_dir,) = (out / setting / "best" / "eval").iterdir()
     return json.loads((res_dir / "results.json").read_text())
@@ -123,11 +132,7 @@ def test_v4_hybrid_vit_trains_the_transformer_on_the_frozen_cnn_then_the_cnn_and
 
 @pytest.mark.slow
 def test_guie1_stages_add_datasets_raise_the_margin_and_overlap_patches(tmp_path, guie_data):
-    params = recipe("guie1").params
-    run_job("guie1", tmp_path / "g1", {
-        "backbone_kwargs": TINY_CLIP_KWARGS, "train_sets": tiny_sources(params, guie_data),
-        "stages": small_stages(params), **small_sizes(params), "dataset": guie_data["val"],
-        "val_dataset": guie_data["val"], "batch_size": 4, "batch_size_eval": 8, "num_workers": 0, "progress": False})
+    run_small_guie("guie1", tmp_path / "g1", guie_data, batch_size_eval=8)
     out = tmp_path / "g1" / "default"
     log = list(csv.DictReader((out / "train_log.csv").open()))
     # products + a tenth of landmarks, then + fashion, then every source (6 images each)
@@ -145,11 +150,7 @@ def test_guie1_stages_add_datasets_raise_the_margin_and_overlap_patches(tmp_path
 
 @pytest.mark.slow
 def test_guie5_arcface_stage_then_classifier_stage(tmp_path, guie_data):
-    params = recipe("guie5").params
-    run_job("guie5", tmp_path / "g5", {
-        "backbone_kwargs": TINY_CLIP_KWARGS, "train_sets": tiny_sources(params, guie_data),
-        "stages": small_stages(params), **small_sizes(params), "dataset": guie_data["val"],
-        "val_dataset": guie_data["val"], "batch_size": 4, "num_workers": 0, "progress": False})
+    run_small_guie("guie5", tmp_path / "g5", guie_data)
     out = tmp_path / "g5" / "default"
     assert [load_checkpoint(out / f"ep{i}.pth").meta["head"]["name"] for i in (1, 2)] == ["arcface", "softmax"]
     e1, e2 = (torch.load(out / f"ep{i}.pth", weights_only=True)["state_dict"] for i in (1, 2))
@@ -160,11 +161,7 @@ def test_guie5_arcface_stage_then_classifier_stage(tmp_path, guie_data):
 
 @pytest.mark.slow
 def test_guie9_trains_through_a_256_projection_and_ships_64(tmp_path, guie_data):
-    params = recipe("guie9").params
-    run_job("guie9", tmp_path / "g9", {
-        "backbone_kwargs": TINY_CLIP_KWARGS, "train_sets": tiny_sources(params, guie_data),
-        "stages": small_stages(params), **small_sizes(params), "dataset": guie_data["val"],
-        "val_dataset": guie_data["val"], "batch_size": 4, "num_workers": 0, "progress": False})
+    run_small_guie("guie9", tmp_path / "g9", guie_data)
     net = load_checkpoint(tmp_path / "g9" / "default" / "ep2.pth").eval()
     assert net.meta["dim"] == 64 and net.meta["head"]["fc_dim"] == 256 and net.meta["head"]["name"] == "softmax"
     assert net.head_fc[1].weight.shape == (256, 64) and net.head.weight.shape == (2 * 2, 256)
